@@ -1,0 +1,1 @@
+"""Model zoo (installed as torch_nvdla.models)."""

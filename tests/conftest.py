@@ -1,0 +1,25 @@
+"""Shared fixtures: the real-data folder (skips when absent) and the devices to run on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torch_nvdla._paths import data_root
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The ``../shared/data`` folder (or ``$TORCH_NVDLA_DATA``); skips the test when absent."""
+    root = data_root()
+    if root is None:
+        pytest.skip("real data not found: set TORCH_NVDLA_DATA to ../shared/data")
+    return root
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Runs a test body once on the CPU and once on CUDA when a GPU is present."""
+    return torch.device(request.param)
