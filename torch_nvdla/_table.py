@@ -1,0 +1,239 @@
+"""The calibration table: one symmetric range per tap, in network order.
+
+Vocabulary, said once for the whole package: a tap's **amax** is the symmetric range
+``[-amax, amax]`` mapped onto int8; its **scale** is ``amax / 127`` (one int8 step), so a
+value ``x`` quantizes to ``clamp(round(x / scale), -128, 127)``.
+
+A tap that only ever saw zeros has no range to pick; it gets ``amax = 1.0``
+(:data:`ZERO_TAP_AMAX`): any scale represents zero exactly, and a unit range keeps the
+NVDLA compiler's requantization ratios ``S_in * S_w / S_out`` representable (a zero scale
+makes the compiler fail).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ._errors import FileFormatError
+from ._histogram import Histogram
+from ._io import atomic_write_bytes, atomic_write_json
+from ._taps import TapInfo
+
+__all__ = ["CalibrationTable", "TapRange", "ZERO_TAP_AMAX"]
+
+ZERO_TAP_AMAX = 1.0
+TABLE_FORMAT = "torch_nvdla.calibration_table"
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TapRange:
+    """The range picked for one tap.
+
+    Attributes:
+        name: the tap name.
+        amax: the symmetric range (> 0).
+        method: the strategy that picked it.
+        min: smallest value observed.
+        max: largest value observed.
+    """
+
+    name: str
+    amax: float
+    method: str
+    min: float = 0.0
+    max: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        """``amax / 127``: the size of one int8 step."""
+        return self.amax / 127.0
+
+
+class CalibrationTable(Mapping):
+    """Ranges per tap, in network order; ``table[name]`` is a :class:`TapRange`.
+
+    Args:
+        ranges: tap name -> :class:`TapRange`, in network order.
+        infos: tap name -> :class:`TapInfo` (where the tensor comes from).
+        histograms: tap name -> :class:`Histogram` (kept when the table was calibrated
+            here, not when loaded from a file).
+        meta: method, options, model fingerprint, number of samples...
+    """
+
+    def __init__(self, ranges: Mapping[str, TapRange], infos: Mapping[str, TapInfo] | None = None,
+                 histograms: Mapping[str, Histogram] | None = None, meta: Mapping[str, Any] | None = None) -> None:
+        self._ranges = dict(ranges)
+        self.infos = dict(infos or {})
+        self.histograms = dict(histograms or {})
+        self.meta = dict(meta or {})
+        for name, r in self._ranges.items():
+            if not (math.isfinite(r.amax) and r.amax > 0):
+                raise ValueError(f"tap {name!r}: amax must be finite and > 0, got {r.amax!r}")
+
+    # -- Mapping ------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> TapRange:
+        try:
+            return self._ranges[name]
+        except KeyError:
+            close = [n for n in self._ranges if name in n or n in name][:5]
+            hint = f"; similar: {close}" if close else ""
+            raise KeyError(f"no tap {name!r} in the calibration table{hint}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ranges)
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def __repr__(self) -> str:
+        return f"CalibrationTable({len(self)} taps, method={self.meta.get('method')!r})"
+
+    @property
+    def method(self) -> str | None:
+        return self.meta.get("method")
+
+    def amaxes(self) -> dict[str, float]:
+        """Tap name -> amax, in network order."""
+        return {n: r.amax for n, r in self._ranges.items()}
+
+    def scales(self) -> dict[str, float]:
+        """Tap name -> scale (``amax / 127``), in network order."""
+        return {n: r.scale for n, r in self._ranges.items()}
+
+    def with_method(self, method: str, **options) -> "CalibrationTable":
+        """The same histograms, ranges re-picked by another strategy (no new data pass)."""
+        if not self.histograms:
+            raise ValueError("this table holds no histograms (loaded from a file?); recalibrate")
+        from ._calibrate import ranges_from_histograms
+
+        ranges = ranges_from_histograms(self.histograms, method, **options)
+        meta = {**self.meta, "method": method, "options": options}
+        return CalibrationTable(ranges, self.infos, self.histograms, meta)
+
+    # -- files ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        taps = []
+        for name, r in self._ranges.items():
+            entry = {"name": name, "amax": r.amax, "scale": r.scale, "method": r.method,
+                     "min": r.min, "max": r.max}
+            if name in self.infos:
+                info = asdict(self.infos[name])
+                info.pop("name")
+                entry["info"] = info
+            taps.append(entry)
+        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "meta": self.meta, "taps": taps}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table as JSON, atomically (a reusable calibration cache)."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationTable":
+        """Read a table written by :meth:`save`.
+
+        Raises:
+            FileFormatError: naming the file (and the tap) when it is not such a table.
+        """
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise FileFormatError(path, f"cannot read: {e.strerror or e}") from None
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise FileFormatError(path, f"not UTF-8 (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise FileFormatError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+        if not isinstance(obj, dict) or obj.get("format") != TABLE_FORMAT:
+            raise FileFormatError(path, f"not a torch_nvdla calibration table (no \"format\": \"{TABLE_FORMAT}\")")
+        if obj.get("version") != TABLE_VERSION:
+            raise FileFormatError(path, f"unsupported table version {obj.get('version')!r}")
+        taps = obj.get("taps")
+        if not isinstance(taps, list):
+            raise FileFormatError(path, "\"taps\" must be a list")
+        ranges, infos = {}, {}
+        for i, t in enumerate(taps):
+            try:
+                name = t["name"]
+                amax = float(t["amax"])
+                ranges[name] = TapRange(name, amax, str(t.get("method", "")), float(t.get("min", 0.0)),
+                                        float(t.get("max", 0.0)))
+                if "info" in t:
+                    infos[name] = TapInfo(name=name, **t["info"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise FileFormatError(path, f"tap #{i} ({t.get('name', '?') if isinstance(t, dict) else t!r}): {e}") from None
+            if not (math.isfinite(amax) and amax > 0):
+                raise FileFormatError(path, f"tap {name!r}: amax must be finite and > 0, got {amax!r}")
+        return cls(ranges, infos, None, obj.get("meta") or {})
+
+    def save_histograms(self, directory: str | os.PathLike, *, plots: bool = True) -> Path:
+        """Write each tap's |x| histogram (the NVDLA calibrator's ``-histdir``).
+
+        Per tap ``<tap>.npz`` holds ``counts``, ``edges`` and ``amax``; ``index.json`` maps
+        taps to files. With matplotlib installed, ``<tap>.png`` plots the histogram on a log
+        scale with the chosen amax marked.
+        """
+        import io
+
+        import numpy as np
+
+        if not self.histograms:
+            raise ValueError("this table holds no histograms (loaded from a file?); recalibrate")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        plt = None
+        if plots:
+            try:
+                import matplotlib
+
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+            except ImportError:
+                plt = None
+        index = {}
+        for name, hist in self.histograms.items():
+            stem = _safe_filename(name)
+            counts, edges = hist.abs_histogram()
+            counts, edges = counts.cpu().numpy(), edges.cpu().numpy()
+            amax = self._ranges[name].amax if name in self._ranges else float("nan")
+            buf = io.BytesIO()
+            np.savez(buf, counts=counts, edges=edges, amax=np.float64(amax))
+            atomic_write_bytes(directory / f"{stem}.npz", buf.getvalue())
+            index[name] = {"file": f"{stem}.npz", "amax": amax, "max_abs": hist.max_abs(), "numel": hist.numel}
+            if plt is not None:
+                index[name]["plot"] = f"{stem}.png"
+                _plot_histogram(plt, directory / f"{stem}.png", name, counts, edges, amax,
+                                self._ranges[name].method if name in self._ranges else "")
+        atomic_write_json(directory / "index.json", index)
+        return directory
+
+
+def _safe_filename(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "tap"
+
+
+def _plot_histogram(plt, path: Path, name: str, counts, edges, amax: float, method: str) -> None:
+    import io
+
+    last = int(max((counts > 0).nonzero()[0].max(initial=0) + 1, 1))
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.bar(edges[:last], counts[:last], width=edges[1] - edges[0], align="edge", color="#4878d0", linewidth=0)
+    ax.set_yscale("log")
+    ax.axvline(amax, color="#d62728", linestyle="--", label=f"amax {amax:.4g} ({method})")
+    ax.set_xlabel("|x|")
+    ax.set_ylabel("count")
+    ax.set_title(name, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,318 @@
+"""Taps: which tensors of a model a calibration pass observes, and the hooks that observe them.
+
+Naming scheme (one name per tensor, stable across runs):
+
+* ``data`` -- the model's input (the first floating tensor argument of ``forward``).
+* ``<module path>`` -- the output of a leaf module on its first call in a forward pass;
+  ``<module path>#k`` -- its output on call ``k`` (k = 1, 2, ...). torchvision's Bottleneck
+  calls one ``relu`` three times: ``layer1.0.relu``, ``layer1.0.relu#1``, ``layer1.0.relu#2``.
+* ``<tap>:input`` -- the (first) input of that call, observed *before* the module runs,
+  so an in-place module does not hide it (the residual sum feeding a block's last ReLU).
+* ``<tap>:<derived name>`` -- a tensor computed from a call's inputs and output by a
+  :class:`DerivedTap` (e.g. ``bn1:normalized``, BatchNorm before its affine).
+
+Hooks are registered on the model instance only, owned by :class:`TapHooks`, and removed
+by its ``close()`` (use it as a context manager, so they go in ``finally``).
+
+Cheap taps: the output of an ``nn.ReLU`` whose input is exactly the tensor another tap has
+just observed (same object, not modified since) is not histogrammed again: its histogram
+is that tap's batch histogram with the negative half moved to zero
+(:meth:`Histogram.relu`). Likewise value-preserving modules (Identity, Dropout in eval,
+Flatten) reuse their input's batch histogram.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._histogram import HistogramObserver
+
+__all__ = ["BN_NORMALIZED", "DerivedTap", "TapHooks", "TapInfo", "TapSelection"]
+
+_SAME_VALUES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DerivedTap:
+    """A tensor computed from one module call, observed as ``<tap>:<name>``.
+
+    Attributes:
+        name: suffix of the tap name.
+        applies: which modules it applies to.
+        fn: ``fn(module, inputs, output) -> Tensor``.
+    """
+
+    name: str
+    applies: Callable[[nn.Module], bool]
+    fn: Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if not self.name or ":" in self.name or "#" in self.name:
+            raise ValueError(f"derived tap name must be non-empty without ':' or '#': {self.name!r}")
+
+
+def _bn_normalized(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    x = inputs[0]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = module.running_mean.view(shape)
+    inv = torch.rsqrt(module.running_var.view(shape) + module.eps)
+    return (x - mean) * inv
+
+
+#: Caffe splits BatchNorm into ``BatchNorm`` ((x - mean) / sqrt(var + eps)) and ``Scale``
+#: (the affine); this tap observes the first one's output.
+BN_NORMALIZED = DerivedTap(
+    name="normalized",
+    applies=lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None,
+    fn=_bn_normalized,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TapSelection:
+    """What a calibration pass observes.
+
+    Attributes:
+        model_input: observe the model input as ``data``.
+        outputs: observe every leaf module's output (True), none (False), or those whose
+            module path a predicate ``(path, module) -> bool`` accepts.
+        inputs: tap names (fnmatch patterns allowed, e.g. ``"layer*.relu#2"``) whose
+            input is also observed, as ``<tap>:input``.
+        derived: extra derived tensors, e.g. :data:`BN_NORMALIZED`.
+        reuse: derive ReLU / value-preserving taps from their producer's histogram.
+    """
+
+    model_input: bool = True
+    outputs: bool | Callable[[str, nn.Module], bool] = True
+    inputs: tuple[str, ...] = ()
+    derived: tuple[DerivedTap, ...] = ()
+    reuse: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str):
+            raise TypeError("TapSelection.inputs is a tuple of tap names, not one string")
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "derived", tuple(self.derived))
+
+    def merged(self, other: "TapSelection") -> "TapSelection":
+        """The union of two selections (a naming preset adds what it needs)."""
+        if callable(self.outputs) or callable(other.outputs):
+            outputs = self.outputs if callable(self.outputs) else other.outputs
+            if self.outputs is True or other.outputs is True:
+                outputs = True
+        else:
+            outputs = self.outputs or other.outputs
+        return TapSelection(
+            model_input=self.model_input or other.model_input,
+            outputs=outputs,
+            inputs=tuple(dict.fromkeys(self.inputs + other.inputs)),
+            derived=tuple(dict.fromkeys(self.derived + other.derived)),
+            reuse=self.reuse and other.reuse,
+        )
+
+    def wants_output(self, path: str, module: nn.Module) -> bool:
+        if callable(self.outputs):
+            return bool(self.outputs(path, module))
+        return bool(self.outputs)
+
+    def wants_input(self, tap: str) -> bool:
+        return any(fnmatch.fnmatchcase(tap, pattern) for pattern in self.inputs)
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """Where a tap's tensor comes from.
+
+    Attributes:
+        name: the tap name (see the module docstring for the scheme).
+        module: the module path ('' for the model input).
+        call: which call of the module in one forward pass (0-based).
+        kind: ``"input"`` for the model input, ``"output"``, ``"module-input"`` or
+            ``"derived"``.
+        module_type: the module's class name.
+        order: position in network order (first observation in the first forward).
+        derived: name of the :class:`DerivedTap` for derived taps, else ``""``.
+    """
+
+    name: str
+    module: str
+    call: int
+    kind: str
+    module_type: str
+    order: int
+    derived: str = ""
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def _first_tensor(args) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (tuple, list)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    return None
+
+
+def _observable(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+@dataclass
+class _Producer:
+    """The latest observed tensor: who saw it and at which version."""
+
+    ref: weakref.ref
+    version: int
+    name: str
+
+
+class TapHooks:
+    """Forward hooks that stream a model's taps into :class:`HistogramObserver` s.
+
+    Use as a context manager; every hook is removed on exit, whatever happened.
+
+    Args:
+        model: the model (its instance is hooked; nothing global changes).
+        selection: what to observe.
+        bins: histogram bins per tap.
+        device: where histograms live (default: each activation's own device).
+    """
+
+    def __init__(self, model: nn.Module, selection: TapSelection, bins: int = 2048,
+                 device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.selection = selection
+        self.bins = bins
+        self.device = device
+        self.observers: dict[str, HistogramObserver] = {}
+        self.infos: dict[str, TapInfo] = {}
+        self.skipped: dict[str, str] = {}  # tap -> why it was not observed
+        self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
+        self._handles: list = []
+        self._calls: dict[str, int] = {}
+        self._current: dict[int, str] = {}  # id(module) -> tap name of the running call
+        self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
+        self._producer: _Producer | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+    def __enter__(self) -> "TapHooks":
+        try:
+            self._install()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook this object registered."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._producer = None
+        self._current.clear()
+        self._source.clear()
+
+    def _install(self) -> None:
+        add = self._handles.append
+        add(self.model.register_forward_pre_hook(self._root_pre_hook))
+        for path, module in self.model.named_modules():
+            if not path or not _is_leaf(module):
+                continue
+            add(module.register_forward_pre_hook(self._make_pre_hook(path)))
+            add(module.register_forward_hook(self._make_hook(path)))
+        if _is_leaf(self.model):  # a single-module model is its own leaf
+            add(self.model.register_forward_pre_hook(self._make_pre_hook("")))
+            add(self.model.register_forward_hook(self._make_hook("")))
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _observer(self, name: str, info: TapInfo) -> HistogramObserver:
+        obs = self.observers.get(name)
+        if obs is None:
+            obs = HistogramObserver(self.bins, self.device)
+            self.observers[name] = obs
+            self.infos[name] = TapInfo(**{**info.__dict__, "order": len(self.infos)})
+        return obs
+
+    def _observe(self, name: str, info: TapInfo, x: torch.Tensor) -> None:
+        self._observer(name, info).update(x)
+        self._producer = _Producer(weakref.ref(x), x._version, name)
+
+    def _reusable(self, x) -> str | None:
+        """The tap that has just observed exactly ``x`` (same object, unmodified), if any."""
+        p = self._producer
+        if not self.selection.reuse or p is None or p.ref() is not x or x._version != p.version:
+            return None
+        return p.name if self.observers[p.name].last is not None else None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _root_pre_hook(self, module, args):
+        self._calls.clear()
+        self._current.clear()
+        self._source.clear()
+        self._producer = None
+        if self.selection.model_input:
+            x = _first_tensor(args)
+            if _observable(x):
+                self._observe("data", TapInfo("data", "", 0, "input", type(module).__name__, 0), x)
+
+    def _make_pre_hook(self, path: str):
+        def pre_hook(module, args):
+            call = self._calls.get(path, 0)
+            self._calls[path] = call + 1
+            tap = path if call == 0 else f"{path}#{call}"
+            self._current[id(module)] = tap
+            if self.selection.inputs and self.selection.wants_input(tap):
+                x = _first_tensor(args)
+                name = f"{tap}:input"
+                if _observable(x):
+                    info = TapInfo(name, path, call, "module-input", type(module).__name__, 0)
+                    src = self._reusable(x)
+                    if src is not None:
+                        self._observer(name, info).update_histogram(self.observers[src].last)
+                        self.reused[name] = src
+                    else:
+                        self._observe(name, info, x)
+                else:
+                    self.skipped[name] = "input is not a floating tensor"
+            # A ReLU / value-preserving module fed the tensor just observed: remember it.
+            self._source[id(module)] = self._reusable(_first_tensor(args))
+
+        return pre_hook
+
+    def _make_hook(self, path: str):
+        def hook(module, args, output):
+            tap = self._current.pop(id(module), path)
+            call = self._calls.get(path, 1) - 1
+            src = self._source.pop(id(module), None)
+            mtype = type(module).__name__
+            if self.selection.wants_output(path, module):
+                info = TapInfo(tap, path, call, "output", mtype, 0)
+                if not _observable(output):
+                    self.skipped[tap] = f"output is {type(output).__name__}, not a floating tensor"
+                elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)):
+                    last = self.observers[src].last
+                    self._observer(tap, info).update_histogram(last.relu() if isinstance(module, nn.ReLU) else last)
+                    self.reused[tap] = src
+                    self._producer = _Producer(weakref.ref(output), output._version, tap)
+                else:
+                    self._observe(tap, info, output)
+            for d in self.selection.derived:
+                if d.applies(module):
+                    name = f"{tap}:{d.name}"
+                    info = TapInfo(name, path, call, "derived", mtype, 0, derived=d.name)
+                    with torch.no_grad():
+                        value = d.fn(module, args, output)
+                    self._observer(name, info).update(value)
+
+        return hook
