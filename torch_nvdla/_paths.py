@@ -20,10 +20,14 @@ def data_root(required: bool = False) -> Path | None:
         required: raise ``FileNotFoundError`` naming every place tried instead of
             returning ``None``.
     """
-    tried = []
     env = os.environ.get(DATA_ENV)
-    if env:
-        tried.append(Path(env))
+    if env:  # an explicit choice is never silently replaced by a default
+        if Path(env).is_dir():
+            return Path(env)
+        if required:
+            raise FileNotFoundError(f"${DATA_ENV} points to {env}, which is not a folder")
+        return None
+    tried = []
     project = Path(__file__).resolve().parents[1]
     tried += [project.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
     for candidate in tried:
