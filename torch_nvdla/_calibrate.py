@@ -53,6 +53,11 @@ class CalibConfig:
         num_batches: stop after this many batches (None: the whole loader).
         device: move the model input there (default: the model's parameters' device).
         taps: what is observed (see :class:`TapSelection`).
+        input_method: strategy for the model input tap ``data`` (None: ``method``).
+            Default ``"minmax"``: an input's range is fixed by its preprocessing and its
+            values are discrete (pixels), where the KL search degenerates: on 8-bit
+            images it keeps the first level above zero and clips almost everything
+            (modelopt's entropy gives the same answer on the same histogram).
     """
 
     method: str = "entropy"
@@ -62,6 +67,7 @@ class CalibConfig:
     num_batches: int | None = None
     device: str | None = None
     taps: TapSelection = field(default_factory=TapSelection)
+    input_method: str | None = "minmax"
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
@@ -69,8 +75,9 @@ class CalibConfig:
                 raise CalibrationError(f"threshold is a fraction in (0, 1], got {self.threshold!r}")
             object.__setattr__(self, "percentile", float(self.threshold) * 100.0)
             object.__setattr__(self, "method", "percentile")
-        if self.method not in METHODS:
-            raise CalibrationError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in (self.method, self.input_method or self.method):
+            if name not in METHODS:
+                raise CalibrationError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(self.bins, int) or self.bins < 256 or self.bins & (self.bins - 1):
             raise CalibrationError(f"bins must be a power of two >= 256, got {self.bins!r}")
         if not (0.0 < float(self.percentile) <= 100.0):
@@ -81,9 +88,20 @@ class CalibConfig:
     def strategy_options(self) -> dict:
         return {"percentile": float(self.percentile)} if self.method == "percentile" else {}
 
+    def overrides(self) -> dict[str, str]:
+        """Per-tap strategies that differ from ``method``."""
+        return {"data": self.input_method} if self.input_method else {}
 
-def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str, **options) -> dict[str, TapRange]:
+
+def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
+                           overrides: Mapping[str, str] | None = None, **options) -> dict[str, TapRange]:
     """Pick each tap's range from its histogram with one strategy.
+
+    Args:
+        histograms: tap -> histogram.
+        method: the strategy.
+        overrides: tap -> strategy for taps that use another one (e.g. ``data``).
+        **options: the strategy's options (``percentile=``); ignored by the others.
 
     Raises:
         NonFiniteActivationError: naming every tap whose data held NaN or Inf.
@@ -97,16 +115,19 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str, **o
             + (" ..." if len(bad) > 10 else "") + "; fix the model or the data (no table was written)"
         )
     ranges = {}
+    overrides = dict(overrides or {})
     for name, h in histograms.items():
         amax = 0.0
+        tap_method = overrides.get(name, method)
         if h.numel:
             counts, edges = h.abs_histogram()
-            amax = min(float(compute_amax(method, counts, edges, **options)), h.max_abs())
+            opts = options if tap_method == method else {}
+            amax = min(float(compute_amax(tap_method, counts, edges, **opts)), h.max_abs())
         if not amax > 0.0:
             amax = ZERO_TAP_AMAX
         lo = float(h.min) if h.numel else 0.0
         hi = float(h.max) if h.numel else 0.0
-        ranges[name] = TapRange(name, amax, method, lo, hi)
+        ranges[name] = TapRange(name, amax, tap_method, lo, hi)
     return ranges
 
 
@@ -180,6 +201,7 @@ def _cache_key(model: nn.Module, config: CalibConfig) -> dict:
         "method": config.method,
         "bins": config.bins,
         "options": config.strategy_options(),
+        "overrides": config.overrides(),
         "taps": repr(config.taps.inputs) + repr([d.name for d in config.taps.derived])
         + repr(config.taps.model_input) + repr(config.taps.outputs if isinstance(config.taps.outputs, bool) else "custom"),
     }
@@ -216,6 +238,7 @@ def calibrate(
     taps: TapSelection | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     cache: str | os.PathLike | None = None,
+    input_method: str | None = "minmax",
     progress: bool = True,
     config: CalibConfig | None = None,
 ) -> CalibrationTable:
@@ -232,6 +255,7 @@ def calibrate(
         device: where to run the model input (default: where the model's parameters are).
         taps: what to observe (default: the model input and every leaf module's output).
         forward: ``forward(model, batch) -> output`` for batches of any other shape.
+        input_method: strategy for the model input ``data`` (see :class:`CalibConfig`).
         cache: a table file: reused when it was made for the same model and options,
             otherwise recalibrated and overwritten (TensorRT's readCalibrationCache).
         progress: show a rich progress bar.
@@ -247,7 +271,7 @@ def calibrate(
     if config is None:
         config = CalibConfig(method=method, bins=bins, percentile=percentile, threshold=threshold,
                              num_batches=num_batches, device=None if device is None else str(device),
-                             taps=taps if taps is not None else TapSelection())
+                             taps=taps if taps is not None else TapSelection(), input_method=input_method)
     if not isinstance(model, nn.Module):
         raise CalibrationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     key = _cache_key(model, config)
@@ -277,13 +301,14 @@ def calibrate(
     from ._distributed import reduce_histograms
 
     histograms = reduce_histograms(histograms)
-    ranges = ranges_from_histograms(histograms, config.method, **config.strategy_options())
+    ranges = ranges_from_histograms(histograms, config.method, config.overrides(), **config.strategy_options())
     zero = [n for n, h in histograms.items() if h.numel and h.max_abs() == 0.0]
     if zero and progress:
         say(f"[yellow]{len(zero)} tap(s) saw only zeros, amax set to {ZERO_TAP_AMAX}: {', '.join(zero[:8])}[/]")
     meta = {
         "method": config.method,
         "options": config.strategy_options(),
+        "overrides": config.overrides(),
         "bins": config.bins,
         "num_batches": seen,
         "skipped": hooks.skipped,

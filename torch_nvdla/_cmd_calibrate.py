@@ -12,6 +12,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
     p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
     p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
+    p.add_argument("--input-method", default="minmax", help="strategy for the model input tap 'data' (default minmax; 'same' = --method)")
     p.add_argument("--num-images", type=int, default=500, help="calibration images (default 500)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--bins", type=int, default=2048)
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     data = get_dataset(args.data or default_dataset_for(args.model))
     loader = data.loader("calibration", args.batch_size, limit=args.num_images)
     table = calibrate(model, loader, args.method, bins=args.bins, percentile=args.percentile,
-                      threshold=args.threshold, cache=args.cache, progress=not args.json)
+                      threshold=args.threshold, cache=args.cache, progress=not args.json,
+                      input_method=None if args.input_method == "same" else args.input_method)
     table.save(args.output)
     if args.histdir:
         table.save_histograms(args.histdir)

@@ -500,10 +500,23 @@ def preprocess_digits(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- batching
 
 
-def batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(inputs, target)`` tuples of consecutive slices, the last one possibly short.
+class Batches:
+    """A re-iterable, sized sequence of ``(inputs, target)`` batches over two tensors."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return _batch_iter(self.x, self.y, self.batch_size)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Batches:
+    """``(inputs, target)`` tuples of consecutive slices, the last one possibly short.
+
+    The result can be iterated many times and has a ``len`` (for progress bars).
 
     Args:
         x: inputs, first dimension = samples.
@@ -512,13 +525,13 @@ def batches(
 
     Raises:
         CalibrationError: a non-positive batch size or mismatched lengths (raised
-            when the generator is created, not on first use).
+            here, not on first use).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise CalibrationError(f"batch_size must be a positive integer, got {batch_size!r}")
     if len(x) != len(y):
         raise CalibrationError(f"{len(x)} inputs but {len(y)} targets")
-    return _batch_iter(x, y, batch_size)
+    return Batches(x, y, batch_size)
 
 
 def _batch_iter(

@@ -113,7 +113,8 @@ class CalibrationTable(Mapping):
             raise ValueError("this table holds no histograms (loaded from a file?); recalibrate")
         from ._calibrate import ranges_from_histograms
 
-        ranges = ranges_from_histograms(self.histograms, method, **options)
+        overrides = {k: v for k, v in self.meta.get("overrides", {}).items() if k in self.histograms}
+        ranges = ranges_from_histograms(self.histograms, method, overrides, **options)
         meta = {**self.meta, "method": method, "options": options}
         return CalibrationTable(ranges, self.infos, self.histograms, meta)
 

@@ -100,19 +100,22 @@ class DatasetSplits:
             )
         return getattr(self, split)
 
-    def loader(
-        self, split: str, batch_size: int = 64
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Iterate over ``(inputs, labels)`` batches of one split, in a fixed order.
+    def loader(self, split: str, batch_size: int = 64, limit: int | None = None) -> "_data.Batches":
+        """``(inputs, labels)`` batches of one split, in a fixed order (re-iterable, sized).
 
         Args:
             split: ``"calibration"`` or ``"evaluation"``.
             batch_size: samples per batch (the last batch may be short).
+            limit: use only the first ``limit`` samples of the split.
 
         Raises:
             CalibrationError: an unknown split or a non-positive batch size.
         """
         inputs, labels = self.split(split)
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+                raise CalibrationError(f"limit must be a positive integer, got {limit!r}")
+            inputs, labels = inputs[:limit], labels[:limit]
         return _data.batches(inputs, labels, batch_size)
 
 
