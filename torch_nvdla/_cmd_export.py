@@ -1,0 +1,95 @@
+"""``torch-nvdla export``: calibrate a model for NVDLA and write calib.json (+ TensorRT cache, weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "calibrate a model with NVDLA layer names and write the compiler's calib.json"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
+    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+    p.add_argument("--preset", default="auto", choices=["auto", "caffe-lenet", "resnet-caffe", "generic"],
+                   help="layer naming preset (default: auto-detect)")
+    p.add_argument("--names", default=None, metavar="MAP.json",
+                   help="user names: a JSON object {tap or layer: name or null}; wins over the preset")
+    p.add_argument("--table", default=None, help="use this saved calibration table instead of calibrating")
+    p.add_argument("--save-table", default=None, help="also save the calibration table here")
+    p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
+    p.add_argument("--num-images", type=int, default=500, help="calibration images (default 500)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--bins", type=int, default=2048)
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--threshold", type=float, default=None, help="NVDLA calibrator spelling: a fraction, 0.9 = 90th percentile")
+    p.add_argument("--eltwise", default="report", choices=["report", "unify"],
+                   help="element-wise inputs with different ranges: report them, or unify them to the largest")
+    p.add_argument("--allow-missing", action="store_true", help="write even if some layers have no range (the compiler will abort)")
+    p.add_argument("-o", "--output", default="calib.json", help="calib.json to write (default calib.json)")
+    p.add_argument("--trt-cache", default=None, help="also write a TensorRT calibration cache (NVDLA layer names; TensorRT's with --trt-prototxt)")
+    p.add_argument("--trt-version", default=None, help="TensorRT version in the cache header (default 8601)")
+    p.add_argument("--trt-prototxt", default=None,
+                   help="write the cache with the tensor names TensorRT gives this deploy prototxt's blobs")
+    p.add_argument("--weights-dir", default=None, help="also write quantized weights (weights.npz + weights.json) here")
+    p.add_argument("--weight-mode", default="per-kernel", choices=["per-kernel", "per-filter"])
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorms into the preceding conv before quantizing")
+    p.add_argument("--json", action="store_true", help="print the written scales and the findings as JSON on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ._calibjson import export_calib_json
+    from ._naming import NvdlaNames, calibrate_for_nvdla, detect_preset
+    from ._table import CalibrationTable
+    from ._trtcache import read_name_map
+    from ._zoo import default_dataset_for, get_dataset, get_model
+
+    overrides = read_name_map(args.names) if args.names else None
+    model = get_model(args.model)
+    if args.table:
+        table = CalibrationTable.load(args.table)
+        preset = detect_preset(model) if args.preset == "auto" else args.preset
+        if preset == "generic":
+            names = NvdlaNames.from_table(table, overrides)
+        else:
+            names = NvdlaNames.for_model(model, preset, overrides=overrides)
+            names.require(table)
+    else:
+        data_name = args.data or default_dataset_for(args.model)
+        if data_name is None:
+            from ._errors import CalibrationError
+
+            raise CalibrationError(f"--data is required for the entry point {args.model!r}")
+        data = get_dataset(data_name)
+        loader = data.loader("calibration", args.batch_size, limit=args.num_images)
+        table, names = calibrate_for_nvdla(model, loader, args.preset, overrides=overrides, method=args.method,
+                                           bins=args.bins, percentile=args.percentile, threshold=args.threshold,
+                                           progress=not args.json)
+    if args.save_table:
+        table.save(args.save_table)
+    report = export_calib_json(table, args.output, names, eltwise=args.eltwise, allow_missing=args.allow_missing,
+                               quiet=args.json)
+    extra = {}
+    if args.trt_cache:
+        from ._trtcache import write_trt_cache
+
+        kw = {} if args.trt_version is None else {"version": args.trt_version}
+        write_trt_cache(args.trt_cache, report.ranges.amax, prototxt=args.trt_prototxt, **kw)
+        extra["trt_cache"] = args.trt_cache
+    if args.weights_dir:
+        from ._export_weights import export_quantized_weights
+
+        summary = export_quantized_weights(model, table, names, args.weights_dir, mode=args.weight_mode,
+                                           fold_bn=args.fold_bn, eltwise=args.eltwise)
+        extra["weights"] = {"dir": args.weights_dir, "layers": len(summary)}
+    if args.json:
+        print(json.dumps({"path": str(report.path), "preset": names.preset, "scales": report.scales, **extra,
+                          "findings": [f.to_dict() for f in report.findings]}, indent=2))
+    else:
+        report.print(title=f"{args.model} ({names.preset}): {len(report.scales)} NVDLA layers -> {report.path}")
+        if extra:
+            from ._console import say
+
+            for k, v in extra.items():
+                say(f"[green]{k}[/]: {v}")
+    return 1 if report.errors else 0
