@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._errors import CalibrationError, FileFormatError
-from ._io import atomic_write_json
+from ._io import atomic_write_json, read_text
 from ._naming import LayerName, NameResolution, NvdlaNames
 
 __all__ = [
@@ -678,19 +678,7 @@ def scan_calib_json(path: str | os.PathLike) -> CalibScan:
         FileFormatError: naming the file, the line and the problem.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: calib.json not found") from None
-    except OSError as e:
-        raise FileFormatError(path, f"cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FileFormatError(path, f"not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x})",
-                              line=raw[: e.start].count(b"\n") + 1) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = read_text(path, "calib.json")
     dec = json.JSONDecoder()
     n = len(text)
 

@@ -5,24 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._cmd_common import add_calibration_options, add_model_options
+
 HELP = "calibrate a model with NVDLA layer names and write the compiler's calib.json"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
-    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+    add_model_options(p)
     p.add_argument("--preset", default="auto", choices=["auto", "caffe-lenet", "resnet-caffe", "generic"],
                    help="layer naming preset (default: auto-detect)")
     p.add_argument("--names", default=None, metavar="MAP.json",
                    help="user names: a JSON object {tap or layer: name or null}; wins over the preset")
     p.add_argument("--table", default=None, help="use this saved calibration table instead of calibrating")
     p.add_argument("--save-table", default=None, help="also save the calibration table here")
-    p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
-    p.add_argument("--num-images", type=int, default=500, help="calibration images (default 500)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--bins", type=int, default=2048)
-    p.add_argument("--percentile", type=float, default=99.99)
-    p.add_argument("--threshold", type=float, default=None, help="NVDLA calibrator spelling: a fraction, 0.9 = 90th percentile")
+    add_calibration_options(p)
     p.add_argument("--eltwise", default="report", choices=["report", "unify"],
                    help="element-wise inputs with different ranges: report them, or unify them to the largest")
     p.add_argument("--allow-missing", action="store_true", help="write even if some layers have no range (the compiler will abort)")
@@ -42,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from ._naming import NvdlaNames, calibrate_for_nvdla, detect_preset
     from ._table import CalibrationTable
     from ._trtcache import read_name_map
-    from ._zoo import default_dataset_for, get_dataset, get_model
+    from ._cmd_common import calibration_kwargs, calibration_loader
+    from ._zoo import get_model
 
     overrides = read_name_map(args.names) if args.names else None
     model = get_model(args.model)
@@ -55,16 +52,9 @@ def run(args: argparse.Namespace) -> int:
             names = NvdlaNames.for_model(model, preset, overrides=overrides)
             names.require(table)
     else:
-        data_name = args.data or default_dataset_for(args.model)
-        if data_name is None:
-            from ._errors import CalibrationError
-
-            raise CalibrationError(f"--data is required for the entry point {args.model!r}")
-        data = get_dataset(data_name)
-        loader = data.loader("calibration", args.batch_size, limit=args.num_images)
-        table, names = calibrate_for_nvdla(model, loader, args.preset, overrides=overrides, method=args.method,
-                                           bins=args.bins, percentile=args.percentile, threshold=args.threshold,
-                                           progress=not args.json)
+        _, loader = calibration_loader(args)
+        table, names = calibrate_for_nvdla(model, loader, args.preset, overrides=overrides,
+                                           progress=not args.json, **calibration_kwargs(args))
     if args.save_table:
         table.save(args.save_table)
     report = export_calib_json(table, args.output, names, eltwise=args.eltwise, allow_missing=args.allow_missing,

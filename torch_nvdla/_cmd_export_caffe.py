@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._cmd_common import add_calibration_options, add_model_options
+
 HELP = "write deploy.prototxt, model.caffemodel and calib.json (matching names) for the NVDLA compiler"
 
 
@@ -19,17 +21,11 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
-    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+    add_model_options(p)
     p.add_argument("--table", default=None,
                    help="use this saved calibration table (calibrated with the taps export-caffe needs) instead of calibrating")
     p.add_argument("--save-table", default=None, help="also save the calibration table here")
-    p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
-    p.add_argument("--num-images", type=int, default=500, help="calibration images (default 500)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--bins", type=int, default=2048)
-    p.add_argument("--percentile", type=float, default=99.99)
-    p.add_argument("--threshold", type=float, default=None, help="NVDLA calibrator spelling: a fraction, 0.9 = 90th percentile")
+    add_calibration_options(p)
     p.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
                    help="the Input layer's shape (default: batch 1 and the data set's image shape)")
     p.add_argument("--preset", default="auto", choices=["auto", "caffe-lenet", "resnet-caffe", "generic"],
@@ -46,38 +42,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print what was written as JSON on stdout")
 
 
-def _read_names(path: str) -> dict[str, str]:
-    from pathlib import Path
-
-    from ._errors import FileFormatError
-
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: names file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileFormatError(path, f"not a JSON object of names ({e})") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in obj.items()):
-        raise FileFormatError(path, "expected a JSON object {\"tap or layer\": \"new name\", ...}")
-    return obj
-
-
 def run(args: argparse.Namespace) -> int:
     from ._caffe_export import convert_to_caffe, export_caffe
     from ._console import say
-    from ._errors import CalibrationError
+    from ._cmd_common import calibration_kwargs, calibration_loader
     from ._table import CalibrationTable
-    from ._zoo import default_dataset_for, get_dataset, get_model
+    from ._trtcache import read_name_map
+    from ._zoo import get_model
 
-    overrides = _read_names(args.names) if args.names else None
+    overrides = read_name_map(args.names) if args.names else None
     model = get_model(args.model)
     example = None
     data = None
     if args.table is None or args.input_shape is None:
-        data_name = args.data or default_dataset_for(args.model)
-        if data_name is None:
-            raise CalibrationError(f"--data is required for the entry point {args.model!r}")
-        data = get_dataset(data_name)
+        data, loader = calibration_loader(args)
         if args.input_shape is None:
             # a real image drives tracing and verification
             example = data.calibration[0][:1].to(next(model.parameters()).dtype)
@@ -88,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
         conversion = convert_to_caffe(model, args.input_shape, example_input=example, names=args.preset,
                                       overrides=overrides, verify=False)
-        loader = data.loader("calibration", args.batch_size, limit=args.num_images)
-        table = calibrate(model, loader, args.method, bins=args.bins, percentile=args.percentile,
-                          threshold=args.threshold, taps=conversion.selection, progress=not args.json)
+        table = calibrate(model, loader, taps=conversion.selection, progress=not args.json, **calibration_kwargs(args))
     if args.save_table:
         table.save(args.save_table)
     result = export_caffe(model, table, args.output_dir, input_shape=args.input_shape, example_input=example,

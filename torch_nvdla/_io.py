@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+from ._errors import FileFormatError
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "read_json", "read_text"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -54,3 +56,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON (keys in insertion order, trailing newline) atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """Read a UTF-8 text file (a leading byte-order mark is dropped).
+
+    Raises:
+        FileNotFoundError: ``"<path>: <what> not found"``.
+        FileFormatError: unreadable, or not UTF-8 (naming the line and byte).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise FileFormatError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(path, f"not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x})",
+                              line=raw[: e.start].count(b"\n") + 1) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Read a JSON file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: not UTF-8 or invalid/truncated JSON, naming the line.
+    """
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None

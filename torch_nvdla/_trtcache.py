@@ -27,7 +27,6 @@ and reports every entry it could not place and every layer left without an entry
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import CalibrationError, FileFormatError
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, read_json, read_text
 
 __all__ = [
     "DEFAULT_TRT_VERSION",
@@ -203,17 +202,7 @@ def read_trt_cache(path: str | os.PathLike) -> TrtCache:
             duplicate tensor name.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: TensorRT calibration cache not found") from None
-    except OSError as e:
-        raise FileFormatError(path, f"cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FileFormatError(path, f"not a text file (byte {e.start} is not UTF-8)",
-                              line=raw[: e.start].count(b"\n") + 1) from None
+    text = read_text(path, "TensorRT calibration cache")
     lines = text.splitlines()
     if not lines or not lines[0].strip():
         raise FileFormatError(path, "empty: expected a 'TRT-<version>-<calibrator>' header", line=1)
@@ -326,16 +315,7 @@ def read_name_map(path: str | os.PathLike) -> dict[str, str | None]:
             (names the key).
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: name map not found") from None
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise FileFormatError(path, f"not UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise FileFormatError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    obj = read_json(path, "name map")
     if not isinstance(obj, dict):
         raise FileFormatError(path, f"a name map is a JSON object {{\"trt name\": \"nvdla name\"}}, got {type(obj).__name__}")
     for k, v in obj.items():
