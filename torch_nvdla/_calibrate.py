@@ -71,9 +71,10 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
-            if not (0.0 < float(self.threshold) <= 1.0):
-                raise CalibrationError(f"threshold is a fraction in (0, 1], got {self.threshold!r}")
-            object.__setattr__(self, "percentile", float(self.threshold) * 100.0)
+            from ._strategies import threshold_to_percentile
+
+            # Rounded: threshold=0.29 is percentile 29.0, not 28.999999999999996.
+            object.__setattr__(self, "percentile", threshold_to_percentile(self.threshold))
             object.__setattr__(self, "method", "percentile")
         for name in (self.method, self.input_method or self.method):
             if name not in METHODS:

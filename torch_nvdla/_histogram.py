@@ -2,8 +2,14 @@
 
 The one idea of this module: a histogram whose range is a **power of two**.
 
-A :class:`Histogram` counts signed values on ``[-R, R)`` in ``2 * bins`` equal bins, where
-``R = 2**ceil(log2(max|x|))`` is the smallest power of two covering every value seen.
+A :class:`Histogram` counts signed values on ``(-R, R)`` in ``2 * bins`` equal bins, where
+``R = 2**(floor(log2(max|x|)) + 1)`` is the smallest power of two *strictly above* every
+``|x|`` seen (a value equal to ``R`` would need a closed last bin, and a closed bin does not
+nest when the range grows: the value would have to leave it). Bins are mirror images: with
+``w = R / bins``, positive bin ``bins + j`` holds ``x`` in ``[j*w, (j+1)*w)`` and negative bin
+``bins - 1 - j`` holds ``x`` in ``(-(j+1)*w, -j*w]``, so ``x`` and ``-x`` always fold into
+the same bin of the ``|x|`` histogram.
+
 Because ``R`` is a function of the global maximum alone, and because halving a
 power-of-two bin grid nests exactly, the histogram is the same whatever the batch size,
 the batch order or the number of processes that contributed:
@@ -13,16 +19,24 @@ the batch order or the number of processes that contributed:
   and no count is dropped;
 * merging two histograms brings both to the larger range this way and adds the counts.
 
-Counts are int64 (a float32 ``torch.histc`` count stops being exact past ``2**24`` per bin,
-so each ``histc`` call sees at most ``2**24`` elements and its counts are converted to
-int64 at once). Memory is ``O(bins)`` per histogram, never ``O(activations)``.
+Binning is exact: a value's bin offset is ``trunc(x * bins / R)`` (minus one for negative
+values); ``bins / R`` is a power of two, so the product is exact (see :func:`_count_cpu`),
+and only integers are counted. ``torch.histc`` on the raw values is not exact: it rounds
+``x + R`` in the input's precision, which moves a value just below a bin edge into the next
+bin -- more often the larger ``R`` is, so a histogram grown from a small range would
+disagree with one computed at once. Counts are int64 (CPU: ``bincount``; CUDA: float64
+``histc`` counts, exact to ``2**53``). Memory is ``O(bins)`` per histogram plus a fixed
+scratch buffer, never ``O(activations)``.
 
 The price of the power-of-two range is resolution: the data's largest value lands in the
-upper half of the range, so between ``bins/2`` and ``bins`` bins cover the data.
+upper half of the range, so between ``bins/2`` and ``bins`` bins cover the data (exactly
+``bins/2`` when max|x| is itself a power of two).
 
-On CUDA nothing here waits for the device: the range is a device tensor and the values
-are scaled into a fixed ``[-bins, bins]`` window before ``histc``. On the CPU, where a host
-read costs nothing, the range is read back and ``histc`` bins the raw values directly.
+On CUDA nothing here waits for the device (but :meth:`Histogram.relu_is_exact`): the range
+is a device tensor and the bin indices are counted by ``histc`` over the fixed window
+``[-bins, bins]``. On the CPU, where a host read costs nothing, the range is read back and
+the indices are counted by ``bincount`` (with the index arithmetic, about 2.5 times faster
+than ``histc`` on the raw values), a cache-sized chunk at a time.
 
 The signed layout keeps what a ReLU does computable without touching data:
 ``relu(x)`` has the positive half of ``x``'s histogram plus every non-positive value in
@@ -38,7 +52,10 @@ import torch
 
 __all__ = ["Histogram", "HistogramObserver"]
 
-_CHUNK = 1 << 24  # elements per histc call: float32 counts stay exact
+# Elements binned per step on the CPU, per intra-op thread: each thread's share of a step
+# (input, float32 and two int16 scratch buffers, ~12 bytes an element) stays in its L2 cache.
+_CPU_CHUNK_PER_THREAD = 1 << 15
+_DEVICE_CHUNK = 1 << 22  # elements binned per step on an accelerator: 32 MiB float64 scratch
 _TINY_EXP = -126  # smallest range exponent: 2**-126 (float32's smallest normal)
 
 
@@ -51,10 +68,67 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1)
 
 
-def _pow2_ceil(m: torch.Tensor) -> torch.Tensor:
-    """``2**ceil(log2(m))`` in float64, at least ``2**-126`` (device op, no sync)."""
-    m = m.to(torch.float64).clamp_min(2.0**_TINY_EXP)
-    return torch.exp2(torch.ceil(torch.log2(m)))
+def _count_cpu(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
+    """Exact signed counts of finite CPU values on ``(-r, r)`` (``r`` a power of two > max|x|).
+
+    Bin ``bins + trunc(x * bins / r) - [x < 0]``, in ``[0, 2 * bins)`` because ``|x| < r``.
+    ``x * bins / r`` is a power-of-two scaling, exact in float32 for float32/fp16/bf16 values
+    (float64 for float64 ones) unless it underflows -- and then ``|y| < 1`` truncates to 0
+    anyway, the sign coming from ``x`` itself. A few passes over a cache-sized chunk each.
+    """
+    n = 2 * bins
+    step, pre = bins / r, 1.0
+    if step > 2.0**100:  # not a float32: scale in two exact steps (ranges below ~2**-90)
+        step, pre = step / 2.0**100, 2.0**100
+    wide = flat.dtype == torch.float64
+    chunk_elements = _CPU_CHUNK_PER_THREAD * max(4, torch.get_num_threads())
+    size = min(flat.numel(), chunk_elements)
+    scaled = torch.empty(size, dtype=torch.float64 if wide else torch.float32)
+    small = torch.int16 if n <= 32767 else torch.int32  # int16 indices: fewer bytes per pass
+    index = torch.empty(size, dtype=small)
+    negative = torch.empty(size, dtype=small)
+    counts = torch.zeros(n, dtype=torch.int64)
+    for chunk in flat.split(chunk_elements):
+        k = chunk.numel()
+        y, i, neg = scaled[:k], index[:k], negative[:k]
+        if chunk.dtype == y.dtype and pre == 1.0:
+            torch.mul(chunk, step, out=y)
+        else:
+            y.copy_(chunk).mul_(pre).mul_(step)  # fp16/bf16 -> float32 is exact
+        i.copy_(y)  # float -> int truncates toward zero
+        torch.lt(chunk, 0, out=neg)
+        i.sub_(neg).add_(bins)
+        counts += torch.bincount(i, minlength=n)
+    return counts
+
+
+def _count_device(flat: torch.Tensor, bins: int, r: torch.Tensor) -> torch.Tensor:
+    """Exact signed counts on an accelerator, without reading anything back to the host.
+
+    Same bins as :func:`_count_cpu`; the integer-valued offsets are counted by a float64
+    ``histc`` on ``[-bins, bins]``, where ``(offset + bins) * 2bins / 2bins`` is exact.
+    ``histc`` skips NaN and out-of-range values (the histogram is then marked non-finite and
+    its counts are not used).
+    """
+    n = 2 * bins
+    step = bins / r  # float64 0-dim tensor, a power of two
+    counts = torch.zeros(n, dtype=torch.float64, device=flat.device)
+    for chunk in flat.split(_DEVICE_CHUNK):
+        s = chunk.to(torch.float64).mul_(step).trunc_().sub_(chunk.lt(0).to(torch.uint8))
+        counts += torch.histc(s, n, -bins, bins)
+    return counts.to(torch.int64)
+
+
+def _pow2_above(m: torch.Tensor) -> torch.Tensor:
+    """``2**(floor(log2(m)) + 1)``, the smallest power of two > ``m``, in float64, at least
+    ``2**-126`` (device op, no sync).
+
+    ``frexp`` gives it exactly: ``m = mantissa * 2**e`` with ``0.5 <= mantissa < 1``, so
+    ``2**(e - 1) <= m < 2**e``.
+    """
+    m = m.to(torch.float64).clamp_min(2.0 ** (_TINY_EXP - 1))
+    _, exponent = torch.frexp(m)
+    return torch.exp2(exponent.to(torch.float64))
 
 
 @dataclass
@@ -62,9 +136,10 @@ class Histogram:
     """Signed histogram on a power-of-two range.
 
     Attributes:
-        counts: int64 tensor of ``2 * bins`` counts; bin ``b`` covers
-            ``[-R + b*R/bins, -R + (b+1)*R/bins)``.
-        range: 0-dim float64 tensor ``R`` (a power of two), on the counts' device.
+        counts: int64 tensor of ``2 * bins`` counts; with ``w = R / bins``, bin ``bins + j``
+            covers ``[j*w, (j+1)*w)`` and bin ``bins - 1 - j`` covers ``(-(j+1)*w, -j*w]``.
+        range: 0-dim float64 tensor ``R`` (a power of two above every |x| seen), on the
+            counts' device.
         min: 0-dim tensor, the smallest value seen (``+inf`` when empty).
         max: 0-dim tensor, the largest value seen (``-inf`` when empty).
         finite: 0-dim bool tensor, False once a NaN or Inf was seen.
@@ -119,22 +194,13 @@ class Histogram:
         finite = torch.isfinite(lo) & torch.isfinite(hi)
         h.min, h.max, h.finite, h.numel = lo, hi, finite, flat.numel()
         amax = torch.maximum(lo.abs(), hi.abs())
-        h.range = _pow2_ceil(torch.where(finite, amax, torch.zeros_like(amax)))
-        n = 2 * bins
+        h.range = _pow2_above(torch.where(finite, amax, torch.zeros_like(amax)))
         if flat.device.type == "cpu":
             if not bool(finite):
                 return h  # counts are meaningless; the caller reports the tap
-            r = float(h.range)
-            for chunk in flat.split(_CHUNK):
-                if chunk.dtype != torch.float32:
-                    chunk = chunk.float()
-                h.counts += torch.histc(chunk, n, -r, r).to(torch.int64)
+            h.counts = _count_cpu(flat, bins, float(h.range))
         else:
-            step = (bins / h.range).to(torch.float32)  # a power of two: scaling is exact
-            for chunk in flat.split(_CHUNK):
-                scaled = chunk.float() * step
-                scaled = torch.nan_to_num(scaled, nan=0.0, posinf=bins, neginf=-bins)
-                h.counts += torch.histc(scaled, n, -bins, bins).to(torch.int64)
+            h.counts = _count_device(flat, bins, h.range)
         return h
 
     def rebinned(self, new_range: torch.Tensor) -> torch.Tensor:
@@ -142,9 +208,11 @@ class Histogram:
 
         Each run of ``2**k`` bins (``k = log2(new_range / range)``) merges into one:
         ``b' = bins + ((b - bins) >> k)``; ``>>`` floors, so negative offsets stay on the
-        negative side.
+        negative side. At the same range (on the CPU) this is ``counts`` itself: read only.
         """
         bins = self.bins
+        if self.device.type == "cpu" and float(new_range) == float(self.range):
+            return self.counts  # same grid (the usual case once the range settled)
         k = torch.round(torch.log2(new_range / self.range)).to(torch.int64)
         k = k.clamp(0, int(math.log2(bins)) + 1)
         offset = torch.arange(-bins, bins, device=self.device, dtype=torch.int64)
@@ -201,6 +269,17 @@ class Histogram:
             self.finite.clone(),
             self.numel,
         )
+
+    def relu_is_exact(self) -> bool:
+        """Whether :meth:`relu` equals the histogram of ``relu(x)`` computed from the data.
+
+        True when the largest positive value sets the range. When the negative side alone
+        does (``-min`` above the power of two covering ``max``), ``relu(x)`` has a smaller
+        range, whose finer bins cannot be recovered from these counts. Reads the device.
+        """
+        if self.numel == 0:
+            return True
+        return bool(_pow2_above(self.max.clamp_min(0.0)) == self.range)
 
     def abs_histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The histogram of ``|x|``: ``bins`` int64 counts and ``bins + 1`` float64 edges.

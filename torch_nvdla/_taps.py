@@ -17,8 +17,10 @@ by its ``close()`` (use it as a context manager, so they go in ``finally``).
 Cheap taps: the output of an ``nn.ReLU`` whose input is exactly the tensor another tap has
 just observed (same object, not modified since) is not histogrammed again: its histogram
 is that tap's batch histogram with the negative half moved to zero
-(:meth:`Histogram.relu`). Likewise value-preserving modules (Identity, Dropout in eval,
-Flatten) reuse their input's batch histogram.
+(:meth:`Histogram.relu`) -- when that is exact, i.e. when the batch's largest positive value
+sets the histogram's range (:meth:`Histogram.relu_is_exact`; a device read on CUDA), so a
+derived tap always equals the one computed from the data. Likewise value-preserving modules
+(Identity, Dropout in eval, Flatten) reuse their input's batch histogram.
 """
 
 from __future__ import annotations
@@ -225,7 +227,8 @@ class TapHooks:
 
     def _install(self) -> None:
         add = self._handles.append
-        add(self.model.register_forward_pre_hook(self._root_pre_hook))
+        # with_kwargs: a dict batch calls the model with keyword arguments only.
+        add(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         for path, module in self.model.named_modules():
             if not path or not _is_leaf(module):
                 continue
@@ -256,13 +259,13 @@ class TapHooks:
         return p.name if self.observers[p.name].last is not None else None
 
     # -- hooks ---------------------------------------------------------------------------
-    def _root_pre_hook(self, module, args):
+    def _root_pre_hook(self, module, args, kwargs):
         self._calls.clear()
         self._current.clear()
         self._source.clear()
         self._producer = None
         if self.selection.model_input:
-            x = _first_tensor(args)
+            x = _first_tensor(tuple(args) + tuple(kwargs.values()))
             if _observable(x):
                 self._observe("data", TapInfo("data", "", 0, "input", type(module).__name__, 0), x)
 
@@ -300,7 +303,11 @@ class TapHooks:
                 info = TapInfo(tap, path, call, "output", mtype, 0)
                 if not _observable(output):
                     self.skipped[tap] = f"output is {type(output).__name__}, not a floating tensor"
-                elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)):
+                elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)) and (
+                    # relu() of the producer's histogram is exact only when its positive
+                    # side sets the range; otherwise observe the output itself.
+                    not isinstance(module, nn.ReLU) or self.observers[src].last.relu_is_exact()
+                ):
                     last = self.observers[src].last
                     self._observer(tap, info).update_histogram(last.relu() if isinstance(module, nn.ReLU) else last)
                     self.reused[tap] = src

@@ -1,0 +1,314 @@
+"""Power-of-two histograms: exact counts, growth without loss, merging, dtypes, ReLU derivation.
+
+Every test runs on the CPU and, when a GPU is present, on CUDA (the ``device`` fixture):
+the two binning paths (``bincount`` on the CPU, float64 ``histc`` on CUDA) must agree
+bit for bit with the hand-counted expectations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from torch_nvdla._histogram import Histogram, HistogramObserver
+
+
+def _same(a: Histogram, b: Histogram) -> None:
+    """Assert two histograms are identical: counts, range, extremes, finiteness, numel."""
+    assert a.bins == b.bins
+    assert float(a.range) == float(b.range), (float(a.range), float(b.range))
+    assert torch.equal(a.counts.cpu(), b.counts.cpu()), _diff(a, b)
+    assert float(a.min) == float(b.min) and float(a.max) == float(b.max)
+    assert bool(a.finite) == bool(b.finite)
+    assert a.numel == b.numel
+
+
+def _diff(a: Histogram, b: Histogram) -> str:
+    bad = (a.counts.cpu() != b.counts.cpu()).nonzero().flatten().tolist()
+    return f"counts differ in bins {bad[:10]}: {a.counts.cpu()[bad[:10]].tolist()} vs {b.counts.cpu()[bad[:10]].tolist()}"
+
+
+def _merged(parts: list[torch.Tensor], bins: int = 2048) -> Histogram:
+    h = Histogram.of(parts[0], bins)
+    for p in parts[1:]:
+        h.merge_(Histogram.of(p, bins))
+    return h
+
+
+# -- hand-countable inputs ---------------------------------------------------------------------
+
+
+def test_hand_counted_bins(device):
+    # max|x| = 1.0 -> R = 2 (the smallest power of two strictly above), w = R / bins = 0.5.
+    x = torch.tensor([-1.0, -0.75, -0.125, 0.0, 0.125, 0.375, 0.5, 0.875], device=device)
+    h = Histogram.of(x, bins=4)
+    assert h.device.type == device.type
+    assert float(h.range) == 2.0
+    # Signed bins: 0:(-2,-1.5] 1:(-1.5,-1] 2:(-1,-0.5] 3:(-0.5,0] 4:[0,0.5) 5:[0.5,1) 6:[1,1.5) 7:[1.5,2)
+    assert h.counts.cpu().tolist() == [0, 1, 1, 1, 3, 2, 0, 0]
+    counts, edges = h.abs_histogram()
+    assert counts.cpu().tolist() == [4, 3, 1, 0]  # |x| bins [0,.5) [.5,1) [1,1.5) [1.5,2)
+    assert edges.cpu().tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert float(h.min) == -1.0 and float(h.max) == 0.875 and h.max_abs() == 1.0
+    assert h.numel == 8 and bool(h.finite)
+
+
+@pytest.mark.parametrize("amax", [0.3, 1.0, 1.5, 3.0, 4.0, 1e-3, 2.0**-20, 12345.0, 3e38])
+def test_range_is_smallest_power_of_two_above_max_abs(device, amax):
+    for sign in (1.0, -1.0):
+        x = torch.tensor([0.0, sign * amax, -sign * amax / 3], device=device)
+        h = Histogram.of(x, bins=256)
+        expected = 2.0 ** math.frexp(amax)[1]  # amax = m * 2**e, 0.5 <= m < 1
+        assert float(h.range) == expected
+        assert expected / 2 <= amax < expected
+        assert int(h.counts.sum()) == 3
+
+
+def test_values_at_powers_of_two(device):
+    """±2**k with max|x| = 2**k: R = 2**(k+1), both land on the lower edge of the upper half."""
+    bins = 8
+    x = torch.tensor([4.0, -4.0, 2.0, -2.0], device=device)
+    h = Histogram.of(x, bins)
+    assert float(h.range) == 8.0  # w = 1
+    c = h.counts.cpu()
+    assert c[bins + 4] == 1 and c[bins - 1 - 4] == 1  # 4 in [4,5), -4 in (-5,-4]
+    assert c[bins + 2] == 1 and c[bins - 1 - 2] == 1  # 2 in [2,3), -2 in (-3,-2]
+    assert int(c.sum()) == 4
+    abs_counts, edges = h.abs_histogram()
+    assert abs_counts.cpu().tolist() == [0, 0, 2, 0, 2, 0, 0, 0]
+    assert edges[4] == 4.0 and edges[2] == 2.0
+
+
+def test_zeros_and_empty(device):
+    h = Histogram.of(torch.zeros(7, device=device), bins=16)
+    assert h.counts.cpu()[16] == 7 and int(h.counts.sum()) == 7
+    assert float(h.range) == 2.0**-126 and h.max_abs() == 0.0
+    nz = Histogram.of(torch.tensor([-0.0, 0.0], device=device), bins=16)
+    assert nz.counts.cpu()[16] == 2  # -0.0 is not negative
+    empty = Histogram.of(torch.empty(0, device=device), bins=16)
+    assert empty.numel == 0 and int(empty.counts.sum()) == 0 and empty.max_abs() == 0.0
+    _same(empty.clone().merge_(h), h)
+
+
+def test_negative_values_fold_like_their_magnitudes(device):
+    """Negative bins mirror positive ones: x and -x fold into the same |x| bin, edges included."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(-400, 401, (5000,), generator=g)
+    x = (k.float() / 64).to(device)  # many values sit exactly on bin edges
+    h, h_abs, h_neg = Histogram.of(x), Histogram.of(x.abs()), Histogram.of(-x)
+    assert torch.equal(h.abs_histogram()[0], h_abs.abs_histogram()[0])
+    nonzero = x[x != 0]  # (zero stays in bin `bins` under negation: -0.0 is not negative)
+    assert torch.equal(Histogram.of(-nonzero).counts, Histogram.of(nonzero).counts.flip(0))
+    assert torch.equal(h_neg.abs_histogram()[0], h.abs_histogram()[0])
+    # Hand check: -6.25 and 6.25 (R = 8, w = 8/2048) both fold into |x| bin 6.25 / w = 1600.
+    two = Histogram.of(torch.tensor([-6.25, 6.25], device=device))
+    assert two.abs_histogram()[0].cpu()[1600] == 2
+
+
+def test_accelerator_binning_path_matches_cpu_path():
+    """The sync-free CUDA path (float64 ``histc`` over integer offsets), run here on the CPU."""
+    from torch_nvdla._histogram import _count_cpu, _count_device
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.randn(3000, generator=g) * 3, torch.randint(-512, 513, (3000,), generator=g) / 64.0,
+                   torch.tensor([0.0, -0.0, 7.99, -7.99, 2.0**-140, -(2.0**-140)])])
+    base = 2.0 ** math.frexp(float(x.abs().max()))[1]  # the smallest valid range
+    for bins in (256, 2048):
+        for r in (base, 2 * base, 2.0**20):
+            ref = _count_cpu(x, bins, r)
+            got = _count_device(x, bins, torch.tensor(r, dtype=torch.float64))
+            assert torch.equal(got, ref), (bins, r)
+            assert int(got.sum()) == x.numel()
+    # fp16 and a tiny range (bins / R is no float32) take the same bins
+    tiny = torch.tensor([1e-38, -1e-38, 5e-39, 0.0])
+    r = 2.0**-126
+    assert torch.equal(_count_device(tiny, 256, torch.tensor(r, dtype=torch.float64)), _count_cpu(tiny, 256, r))
+    half = (torch.randn(500, generator=g) * 20).half()  # |x| < 128
+    assert torch.equal(_count_device(half, 256, torch.tensor(128.0, dtype=torch.float64)), _count_cpu(half, 256, 128.0))
+
+
+def test_bins_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        Histogram.empty(1000)
+    with pytest.raises(ValueError, match="cannot merge"):
+        Histogram.empty(256).merge_(Histogram.empty(512))
+
+
+# -- growth, merging, big counts ---------------------------------------------------------------
+
+
+def test_growth_keeps_every_count_and_equals_one_shot(device):
+    g = torch.Generator().manual_seed(1)
+    parts = [
+        torch.randn(1000, generator=g) * 1e-3,
+        (torch.randint(-64, 65, (1000,), generator=g).float() / 128),  # exact edges at every range
+        torch.tensor([0.5 - 2.0**-22, -(0.5 - 2.0**-22), 1.0, -1.0, 2.0**-30, -(2.0**-30)]),
+        torch.randn(1000, generator=g) * 37,
+        torch.tensor([1000.0, -0.0]),
+        torch.randn(1000, generator=g) * 1e4,
+    ]
+    parts = [p.to(device) for p in parts]
+    obs = HistogramObserver(bins=2048)
+    for p in parts:
+        obs.update(p)
+    once = Histogram.of(torch.cat(parts))
+    assert obs.histogram.numel == sum(p.numel() for p in parts)
+    assert int(obs.histogram.counts.sum()) == obs.histogram.numel
+    _same(obs.histogram, once)
+    _same(_merged(parts), once)
+    assert obs.last is not None and obs.last.numel == parts[-1].numel()
+
+
+def test_rebinned_merges_runs_of_bins(device):
+    x = torch.tensor([0.1, 0.2, 0.7, -0.1, -0.9], device=device)
+    h = Histogram.of(x, bins=4)  # R = 1, w = 1/4
+    assert h.counts.cpu().tolist() == [1, 0, 0, 1, 2, 0, 1, 0]
+    up = h.rebinned(torch.tensor(4.0, dtype=torch.float64, device=device))  # k = 2: runs of 4
+    assert up.cpu().tolist() == [0, 0, 0, 2, 3, 0, 0, 0]
+    at_four = Histogram.of(torch.cat([x, x.new_tensor([3.0])]), bins=4)  # R = 4 directly
+    assert at_four.counts.cpu().tolist() == [0, 0, 0, 2, 3, 0, 0, 1]
+    # Far beyond the bins' span everything collapses into the two central bins.
+    far = h.rebinned(torch.tensor(2.0**40, dtype=torch.float64, device=device))
+    assert far.cpu().tolist() == [0, 0, 0, 2, 3, 0, 0, 0]
+
+
+def test_merge_is_associative_and_commutative(device):
+    g = torch.Generator().manual_seed(2)
+    a, b, c = (torch.randn(500, generator=g) * s for s in (0.01, 5.0, 300.0))
+    ha, hb, hc = (Histogram.of(t.to(device), 1024) for t in (a, b, c))
+    left = ha.clone().merge_(hb).merge_(hc)
+    right = ha.clone().merge_(hb.clone().merge_(hc))
+    swapped = hc.clone().merge_(ha).merge_(hb)
+    once = Histogram.of(torch.cat([a, b, c]).to(device), 1024)
+    for h in (left, right, swapped):
+        _same(h, once)
+    # merge_ leaves its argument alone
+    _same(hb, Histogram.of(b.to(device), 1024))
+
+
+def test_counts_exact_past_two_to_the_24(device):
+    n = 2**24 + 5
+    h = Histogram.of(torch.zeros(n, device=device), bins=256)
+    assert int(h.counts[256]) == n and h.numel == n
+    ones = Histogram.of(torch.ones(n, device=device), bins=256)
+    assert int(ones.counts.sum()) == n and int(ones.counts[256 + 128]) == n  # 1.0 in [1, 1 + 1/128)
+
+
+def test_merge_many_copies_keeps_int64_counts(device):
+    """Counts far beyond float32 (and float64-integer) exactness survive merging."""
+    base = Histogram.of(torch.tensor([0.5, -0.25, 3.0], device=device), bins=256)
+    state = base.state_dict()
+    state["counts"] = state["counts"] * (2**55 + 1)  # 2**55 + 1 is not a float64
+    big = Histogram.from_state_dict({**state, "numel": 3 * (2**55 + 1)}, device=device)
+    total = big.clone()
+    for _ in range(3):
+        total.merge_(big)
+    assert total.counts.dtype == torch.int64
+    assert int(total.counts.sum()) == 4 * 3 * (2**55 + 1)
+    assert total.numel == 4 * 3 * (2**55 + 1)
+
+
+# -- non-finite values, dtypes, layouts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_marks_the_histogram(device, bad):
+    x = torch.tensor([1.0, bad, -2.0], device=device)
+    h = Histogram.of(x)
+    assert not bool(h.finite)
+    good = Histogram.of(torch.tensor([0.5], device=device))
+    assert bool(good.finite)
+    assert not bool(good.clone().merge_(h).finite)
+    assert not bool(h.clone().merge_(good).finite)
+    obs = HistogramObserver()
+    obs.update(torch.ones(3, device=device))
+    obs.update(x)
+    obs.update(torch.ones(3, device=device))
+    assert not bool(obs.histogram.finite)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_precision_inputs_count_like_float32(device, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 8, 9, 7, generator=g) * 3).to(dtype)
+    ref = Histogram.of(x.float().to(device))
+    _same(Histogram.of(x.to(device)), ref)
+
+
+def test_memory_layouts_count_like_contiguous(device):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 6, 7, generator=g).to(device)
+    ref = Histogram.of(x)
+    cl = x.to(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    _same(Histogram.of(cl), ref)
+    _same(Histogram.of(cl.half()), Histogram.of(x.half().float()))
+    _same(Histogram.of(x.transpose(1, 3)), ref)  # any strided view
+    _same(Histogram.of(x[:, :, ::2]), Histogram.of(x[:, :, ::2].contiguous()))
+
+
+# -- ReLU derivation, state ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_neg", [0.5, 1.0, 30.0])
+def test_relu_derivation(device, scale_neg):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4000, generator=g)
+    x = torch.where(x < 0, x * scale_neg, x).to(device)
+    h = Histogram.of(x)
+    derived = h.relu()
+    direct = Histogram.of(torch.relu(x))
+    assert derived.numel == direct.numel
+    assert float(derived.min) == float(direct.min) == 0.0
+    assert float(derived.max) == float(direct.max)
+    # Same data: equal once on the same grid; identical when the positive side sets the range.
+    assert torch.equal(derived.counts, direct.rebinned(derived.range))
+    assert h.relu_is_exact() == (float(direct.range) == float(h.range))
+    if scale_neg <= 1.0:
+        assert h.relu_is_exact()
+        _same(derived, direct)
+    else:
+        assert not h.relu_is_exact()  # negatives 30x larger set the range: finer bins lost
+
+
+def test_relu_of_all_negative_and_empty(device):
+    h = Histogram.of(torch.tensor([-3.0, -1.0], device=device), bins=16)
+    r = h.relu()
+    assert int(r.counts[16]) == 2 and int(r.counts.sum()) == 2 and r.max_abs() == 0.0
+    assert not h.relu_is_exact()
+    e = Histogram.empty(16, device).relu()
+    assert e.numel == 0 and int(e.counts.sum()) == 0 and Histogram.empty(16).relu_is_exact()
+
+
+def test_state_dict_round_trip(device):
+    x = torch.tensor([-3.5, 0.0, 0.25, 7.0], device=device)
+    h = Histogram.of(x, bins=512)
+    state = h.state_dict()
+    assert state["counts"].device.type == "cpu" and state["bins"] == 512
+    back = Histogram.from_state_dict(state, device=device)
+    assert back.device.type == device.type
+    _same(back, h)
+    # Plain Python state (e.g. after JSON) works too.
+    plain = {**state, "counts": state["counts"].tolist()}
+    _same(Histogram.from_state_dict(plain), h.to("cpu"))
+    with pytest.raises(ValueError, match="512 bins"):
+        Histogram.from_state_dict({**state, "counts": state["counts"][:10]})
+    nan = Histogram.of(torch.tensor([float("nan")], device=device)).state_dict()
+    assert nan["finite"] is False
+
+
+def test_observer_merge_and_reset(device):
+    a, b = torch.randn(100, device=device), torch.randn(100, device=device) * 10
+    o1, o2 = HistogramObserver(bins=512), HistogramObserver(bins=512)
+    o1.update(a)
+    o2.update(b)
+    o1.merge(o2)
+    _same(o1.histogram, Histogram.of(torch.cat([a, b]), 512))
+    assert o1.compute("minmax") == Histogram.of(torch.cat([a, b]), 512).max_abs()
+    o1.reset()
+    assert o1.histogram.numel == 0 and o1.compute("entropy") == 0.0
+    fresh = HistogramObserver(bins=512)
+    fresh.merge(o2)
+    _same(fresh.histogram, o2.histogram)
