@@ -287,7 +287,7 @@ def test_caffe_lenet_onnxruntime_vs_simulation(shared_data):
 
 @pytest.mark.slow
 def test_resnet20_onnxruntime_vs_simulation(shared_data):
-    model, table, ds = _real("cifar-resnet20", "cifar10", 200)
+    model, table, ds = _real("cifar-resnet20", "cifar10", 100)
     # The simulation's own placement (every tap, BatchNorm unfolded).
     res = compare_with_onnxruntime(model, table, _balanced(ds, 500), placement="all", show=True)
     assert res.samples == 500 and res.top1_simulation > 75.0
