@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from ._errors import CalibrationError
-from ._taps import BN_NORMALIZED, TapSelection
+from ._taps import BN_NORMALIZED, CallSites, TapSelection, first_tensor, tensor_args
 
 __all__ = [
     "KINDS",
@@ -450,21 +450,6 @@ class TraceCall:
     normalized: bool = False
 
 
-def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    out = [(p, m) for p, m in model.named_modules() if p and next(m.children(), None) is None]
-    return out or [("", model)]
-
-
-def _tensors(args) -> list[torch.Tensor]:
-    out = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append(a)
-        elif isinstance(a, (tuple, list)):
-            out.extend(t for t in a if isinstance(t, torch.Tensor))
-    return out
-
-
 def trace_producers(model: nn.Module, example: Any, *, forward: Callable[[nn.Module, Any], Any] | None = None
                     ) -> list[TraceCall]:
     """Run ``model`` once on ``example`` and record, per leaf call, which tap made each input.
@@ -487,8 +472,6 @@ def trace_producers(model: nn.Module, example: Any, *, forward: Callable[[nn.Mod
 
     registry: dict[int, tuple[weakref.ref, int, int, str]] = {}
     calls: list[TraceCall] = []
-    counts: dict[str, int] = {}
-    current: dict[int, list[str]] = {}
 
     def remember(t: torch.Tensor, tap: str) -> None:
         if isinstance(t, torch.Tensor) and t.numel():
@@ -503,45 +486,26 @@ def trace_producers(model: nn.Module, example: Any, *, forward: Callable[[nn.Mod
             return None
         return tap
 
-    def root_pre(module, args, kwargs):
+    def on_input(module, args, kwargs):
         registry.clear()
-        ts = _tensors(tuple(args) + tuple(kwargs.values()))
+        ts = tensor_args(tuple(args) + tuple(kwargs.values()))
         if ts:
             remember(ts[0], "data")
 
-    def make_pre(path: str, module: nn.Module):
-        def pre(mod, args):
-            k = counts.get(path, 0)
-            counts[path] = k + 1
-            tap = path if k == 0 else f"{path}#{k}"
-            current.setdefault(id(mod), []).append(tap)
-            calls.append(TraceCall(tap, path, type(mod).__name__, tuple(producer(t) for t in _tensors(args)),
-                                   BN_NORMALIZED.applies(mod)))
-        return pre
+    def on_call(tap, path, call, mod, args):
+        calls.append(TraceCall(tap, path, type(mod).__name__, tuple(producer(t) for t in tensor_args(args)),
+                               BN_NORMALIZED.applies(mod)))
 
-    def make_post(path: str):
-        def post(mod, args, output):
-            stack = current.get(id(mod)) or [path]
-            tap = stack.pop()
-            out = output if isinstance(output, torch.Tensor) else (_tensors([output]) or [None])[0]
-            if out is not None:
-                remember(out, tap)
-        return post
+    def on_output(tap, path, call, mod, args, output):
+        out = output if isinstance(output, torch.Tensor) else first_tensor([output])
+        if out is not None:
+            remember(out, tap)
 
-    handles = []
-    try:
-        handles.append(model.register_forward_pre_hook(root_pre, with_kwargs=True))
-        for path, module in _leaf_modules(model):
-            handles.append(module.register_forward_pre_hook(make_pre(path, module)))
-            handles.append(module.register_forward_hook(make_post(path)))
-        with torch.no_grad(), eval_mode(model):
-            if forward is not None:
-                forward(model, example)
-            else:
-                run_batch(model, example, _model_device(model))
-    finally:
-        for h in handles:
-            h.remove()
+    with CallSites(model, on_input=on_input, on_call=on_call, on_output=on_output), torch.no_grad(), eval_mode(model):
+        if forward is not None:
+            forward(model, example)
+        else:
+            run_batch(model, example, _model_device(model))
     return calls
 
 

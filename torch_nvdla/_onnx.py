@@ -110,7 +110,7 @@ from ._calibrate import eval_mode
 from ._errors import CalibrationError
 from ._io import atomic_write_bytes
 from ._table import CalibrationTable
-from ._taps import BN_NORMALIZED, DerivedTap
+from ._taps import BN_NORMALIZED, CallSites, DerivedTap, first_tensor
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -442,19 +442,6 @@ class OnnxComparison:
 # ----------------------------------------------------------------------------------------
 
 
-def _first_tensor(args) -> torch.Tensor | None:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a
-        if isinstance(a, (tuple, list)) and a and isinstance(a[0], torch.Tensor):
-            return a[0]
-    return None
-
-
-def _is_leaf(module: nn.Module) -> bool:
-    return next(module.children(), None) is None
-
-
 @contextlib.contextmanager
 def capture_taps(model: nn.Module, names: Iterable[str] | None = None,
                  derived: Sequence[DerivedTap] = (BN_NORMALIZED,)):
@@ -475,54 +462,27 @@ def capture_taps(model: nn.Module, names: Iterable[str] | None = None,
     """
     wanted = None if names is None else set(names)
     values: dict[str, torch.Tensor] = {}
-    calls: dict[str, int] = {}
-    current: dict[int, list[str]] = {}
-    handles = []
 
     def keep(name: str, x) -> None:
         if (wanted is None or name in wanted) and isinstance(x, torch.Tensor) and x.is_floating_point():
             values[name] = x.detach().clone()
 
-    def root_pre(module, args):
-        calls.clear()
-        current.clear()
-        keep("data", _first_tensor(args))
+    def on_input(module, args, kwargs):
+        keep("data", first_tensor(tuple(args) + tuple(kwargs.values())))
 
-    def make_pre(path: str):
-        def pre(module, args):
-            call = calls.get(path, 0)
-            calls[path] = call + 1
-            tap = path if call == 0 else f"{path}#{call}"
-            current.setdefault(id(module), []).append(tap)
-            keep(f"{tap}:input", _first_tensor(args))
+    def on_call(tap, path, call, module, args):
+        keep(f"{tap}:input", first_tensor(args))
 
-        return pre
+    def on_output(tap, path, call, module, args, output):
+        keep(tap, output)
+        for d in derived:
+            name = f"{tap}:{d.name}"
+            if (wanted is None or name in wanted) and d.applies(module):
+                with torch.no_grad():
+                    keep(name, d.fn(module, args, output))
 
-    def make_post(path: str):
-        def post(module, args, output):
-            stack = current.get(id(module))
-            tap = stack.pop() if stack else path
-            keep(tap, output)
-            for d in derived:
-                name = f"{tap}:{d.name}"
-                if (wanted is None or name in wanted) and d.applies(module):
-                    with torch.no_grad():
-                        keep(name, d.fn(module, args, output))
-
-        return post
-
-    try:
-        handles.append(model.register_forward_pre_hook(root_pre))
-        leaves = [(p, m) for p, m in model.named_modules() if p and _is_leaf(m)]
-        if _is_leaf(model):
-            leaves = [("", model)]
-        for path, module in leaves:
-            handles.append(module.register_forward_pre_hook(make_pre(path)))
-            handles.append(module.register_forward_hook(make_post(path)))
+    with CallSites(model, on_input=on_input, on_call=on_call, on_output=on_output):
         yield values
-    finally:
-        while handles:
-            handles.pop().remove()
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,7 +35,19 @@ from torch import nn
 
 from ._histogram import HistogramObserver
 
-__all__ = ["BN_NORMALIZED", "DerivedTap", "TapHooks", "TapInfo", "TapSelection"]
+__all__ = [
+    "BN_NORMALIZED",
+    "CallSites",
+    "DerivedTap",
+    "TapHooks",
+    "TapInfo",
+    "TapSelection",
+    "first_tensor",
+    "is_leaf",
+    "leaf_modules",
+    "tap_name",
+    "tensor_args",
+]
 
 _SAME_VALUES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten)
 
@@ -151,17 +163,38 @@ class TapInfo:
     derived: str = ""
 
 
-def _is_leaf(module: nn.Module) -> bool:
+def is_leaf(module: nn.Module) -> bool:
+    """A module without children: its calls are the taps."""
     return next(module.children(), None) is None
 
 
-def _first_tensor(args) -> torch.Tensor | None:
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every leaf, in registration order (the model itself if it is one)."""
+    if is_leaf(model):
+        return [("", model)]
+    return [(p, m) for p, m in model.named_modules() if p and is_leaf(m)]
+
+
+def tap_name(path: str, call: int) -> str:
+    """The tap of call ``call`` (0-based) of the module at ``path``: ``path`` or ``path#call``."""
+    return path if call == 0 else f"{path}#{call}"
+
+
+def tensor_args(args) -> list[torch.Tensor]:
+    """The tensors among call arguments (looking one level into tuples/lists)."""
+    out = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a
-        if isinstance(a, (tuple, list)) and a and isinstance(a[0], torch.Tensor):
-            return a[0]
-    return None
+            out.append(a)
+        elif isinstance(a, (tuple, list)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def first_tensor(args) -> torch.Tensor | None:
+    """The first tensor among call arguments, or None."""
+    tensors = tensor_args(args)
+    return tensors[0] if tensors else None
 
 
 def _observable(x) -> bool:
@@ -175,6 +208,78 @@ class _Producer:
     ref: weakref.ref
     version: int
     name: str
+
+
+class CallSites:
+    """Hooks that name every leaf-module call of a forward pass with its tap name.
+
+    The one implementation of the naming scheme: calibration (:class:`TapHooks`), the
+    NVDLA name tracer, the simulation and the ONNX tap capture build on it.
+
+    Callbacks (all optional):
+        ``on_input(module, args, kwargs)``: the model is called (a new forward pass).
+        ``on_call(tap, path, call, module, args)``: a leaf call starts (before it runs).
+        ``on_output(tap, path, call, module, args, output)``: a leaf call returned.
+
+    Use as a context manager: hooks are registered on entry (after any already on the
+    model) and removed on exit, whatever happened.
+    """
+
+    def __init__(self, model: nn.Module, *, on_input=None, on_call=None, on_output=None) -> None:
+        self.model = model
+        self._on_input, self._on_call, self._on_output = on_input, on_call, on_output
+        self._handles: list = []
+        self._calls: dict[str, int] = {}
+        self._running: dict[int, list[tuple[str, int]]] = {}  # id(module) -> (tap, call) stack
+
+    def __enter__(self) -> "CallSites":
+        try:
+            add = self._handles.append
+            # with_kwargs: a dict batch calls the model with keyword arguments only.
+            add(self.model.register_forward_pre_hook(self._start_pass, with_kwargs=True))
+            for path, module in leaf_modules(self.model):
+                add(module.register_forward_pre_hook(self._make_start_call(path)))
+                add(module.register_forward_hook(self._make_end_call(path)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook this object registered."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._calls.clear()
+        self._running.clear()
+
+    def _start_pass(self, module, args, kwargs):
+        self._calls.clear()
+        self._running.clear()
+        if self._on_input is not None:
+            self._on_input(module, args, kwargs)
+
+    def _make_start_call(self, path: str):
+        def start_call(module, args):
+            call = self._calls.get(path, 0)
+            self._calls[path] = call + 1
+            tap = tap_name(path, call)
+            self._running.setdefault(id(module), []).append((tap, call))
+            if self._on_call is not None:
+                self._on_call(tap, path, call, module, args)
+
+        return start_call
+
+    def _make_end_call(self, path: str):
+        def end_call(module, args, output):
+            stack = self._running.get(id(module))
+            tap, call = stack.pop() if stack else (path, 0)
+            if self._on_output is not None:
+                self._on_output(tap, path, call, module, args, output)
+
+        return end_call
 
 
 class TapHooks:
@@ -199,19 +304,13 @@ class TapHooks:
         self.infos: dict[str, TapInfo] = {}
         self.skipped: dict[str, str] = {}  # tap -> why it was not observed
         self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
-        self._handles: list = []
-        self._calls: dict[str, int] = {}
-        self._current: dict[int, str] = {}  # id(module) -> tap name of the running call
+        self._sites = CallSites(model, on_input=self._on_input, on_call=self._on_call, on_output=self._on_output)
         self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
         self._producer: _Producer | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def __enter__(self) -> "TapHooks":
-        try:
-            self._install()
-        except BaseException:
-            self.close()
-            raise
+        self._sites.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -219,24 +318,9 @@ class TapHooks:
 
     def close(self) -> None:
         """Remove every hook this object registered."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._sites.close()
         self._producer = None
-        self._current.clear()
         self._source.clear()
-
-    def _install(self) -> None:
-        add = self._handles.append
-        # with_kwargs: a dict batch calls the model with keyword arguments only.
-        add(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
-        for path, module in self.model.named_modules():
-            if not path or not _is_leaf(module):
-                continue
-            add(module.register_forward_pre_hook(self._make_pre_hook(path)))
-            add(module.register_forward_hook(self._make_hook(path)))
-        if _is_leaf(self.model):  # a single-module model is its own leaf
-            add(self.model.register_forward_pre_hook(self._make_pre_hook("")))
-            add(self.model.register_forward_hook(self._make_hook("")))
 
     # -- bookkeeping --------------------------------------------------------------------
     def _observer(self, name: str, info: TapInfo) -> HistogramObserver:
@@ -259,67 +343,53 @@ class TapHooks:
         return p.name if self.observers[p.name].last is not None else None
 
     # -- hooks ---------------------------------------------------------------------------
-    def _root_pre_hook(self, module, args, kwargs):
-        self._calls.clear()
-        self._current.clear()
+    def _on_input(self, module, args, kwargs):
         self._source.clear()
         self._producer = None
         if self.selection.model_input:
-            x = _first_tensor(tuple(args) + tuple(kwargs.values()))
+            x = first_tensor(tuple(args) + tuple(kwargs.values()))
             if _observable(x):
                 self._observe("data", TapInfo("data", "", 0, "input", type(module).__name__, 0), x)
 
-    def _make_pre_hook(self, path: str):
-        def pre_hook(module, args):
-            call = self._calls.get(path, 0)
-            self._calls[path] = call + 1
-            tap = path if call == 0 else f"{path}#{call}"
-            self._current[id(module)] = tap
-            if self.selection.inputs and self.selection.wants_input(tap):
-                x = _first_tensor(args)
-                name = f"{tap}:input"
-                if _observable(x):
-                    info = TapInfo(name, path, call, "module-input", type(module).__name__, 0)
-                    src = self._reusable(x)
-                    if src is not None:
-                        self._observer(name, info).update_histogram(self.observers[src].last)
-                        self.reused[name] = src
-                    else:
-                        self._observe(name, info, x)
+    def _on_call(self, tap, path, call, module, args):
+        if self.selection.inputs and self.selection.wants_input(tap):
+            x = first_tensor(args)
+            name = f"{tap}:input"
+            if _observable(x):
+                info = TapInfo(name, path, call, "module-input", type(module).__name__, 0)
+                src = self._reusable(x)
+                if src is not None:
+                    self._observer(name, info).update_histogram(self.observers[src].last)
+                    self.reused[name] = src
                 else:
-                    self.skipped[name] = "input is not a floating tensor"
-            # A ReLU / value-preserving module fed the tensor just observed: remember it.
-            self._source[id(module)] = self._reusable(_first_tensor(args))
+                    self._observe(name, info, x)
+            else:
+                self.skipped[name] = "input is not a floating tensor"
+        # A ReLU / value-preserving module fed the tensor just observed: remember it.
+        self._source[id(module)] = self._reusable(first_tensor(args))
 
-        return pre_hook
-
-    def _make_hook(self, path: str):
-        def hook(module, args, output):
-            tap = self._current.pop(id(module), path)
-            call = self._calls.get(path, 1) - 1
-            src = self._source.pop(id(module), None)
-            mtype = type(module).__name__
-            if self.selection.wants_output(path, module):
-                info = TapInfo(tap, path, call, "output", mtype, 0)
-                if not _observable(output):
-                    self.skipped[tap] = f"output is {type(output).__name__}, not a floating tensor"
-                elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)) and (
-                    # relu() of the producer's histogram is exact only when its positive
-                    # side sets the range; otherwise observe the output itself.
-                    not isinstance(module, nn.ReLU) or self.observers[src].last.relu_is_exact()
-                ):
-                    last = self.observers[src].last
-                    self._observer(tap, info).update_histogram(last.relu() if isinstance(module, nn.ReLU) else last)
-                    self.reused[tap] = src
-                    self._producer = _Producer(weakref.ref(output), output._version, tap)
-                else:
-                    self._observe(tap, info, output)
-            for d in self.selection.derived:
-                if d.applies(module):
-                    name = f"{tap}:{d.name}"
-                    info = TapInfo(name, path, call, "derived", mtype, 0, derived=d.name)
-                    with torch.no_grad():
-                        value = d.fn(module, args, output)
-                    self._observer(name, info).update(value)
-
-        return hook
+    def _on_output(self, tap, path, call, module, args, output):
+        src = self._source.pop(id(module), None)
+        mtype = type(module).__name__
+        if self.selection.wants_output(path, module):
+            info = TapInfo(tap, path, call, "output", mtype, 0)
+            if not _observable(output):
+                self.skipped[tap] = f"output is {type(output).__name__}, not a floating tensor"
+            elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)) and (
+                # relu() of the producer's histogram is exact only when its positive
+                # side sets the range; otherwise observe the output itself.
+                not isinstance(module, nn.ReLU) or self.observers[src].last.relu_is_exact()
+            ):
+                last = self.observers[src].last
+                self._observer(tap, info).update_histogram(last.relu() if isinstance(module, nn.ReLU) else last)
+                self.reused[tap] = src
+                self._producer = _Producer(weakref.ref(output), output._version, tap)
+            else:
+                self._observe(tap, info, output)
+        for d in self.selection.derived:
+            if d.applies(module):
+                name = f"{tap}:{d.name}"
+                info = TapInfo(name, path, call, "derived", mtype, 0, derived=d.name)
+                with torch.no_grad():
+                    value = d.fn(module, args, output)
+                self._observer(name, info).update(value)
