@@ -767,7 +767,7 @@ def quantize_onnx(onnx_model, amax: Mapping[str, float], *, weights: str | None 
             graph, or a non-positive amax (naming it).
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from ._weights import quantize_weight
 
