@@ -21,10 +21,9 @@ from torch_nvdla._simulate import (
     compare_modes,
     int8_simulation,
     plan_simulation,
-    tap_name,
 )
 from torch_nvdla._table import CalibrationTable, TapRange
-from torch_nvdla._taps import BN_NORMALIZED, TapSelection
+from torch_nvdla._taps import BN_NORMALIZED, TapSelection, tap_name
 
 
 def table_of(amaxes: dict[str, float], meta: dict | None = None) -> CalibrationTable:
@@ -473,3 +472,39 @@ def test_caffe_lenet_int8_drop_on_mnist(shared_data):
             with int8_simulation(model, table, mode=mode, weights="per-kernel"):
                 int8 = (model(xs).argmax(1) == ys).double().mean().item() * 100
             assert fp32 - int8 <= 0.25, (mode, fp32, int8)
+
+
+@pytest.mark.slow
+def test_cifar_resnet20_graph_and_int8_agreement(shared_data):
+    from torch_nvdla._zoo import get_dataset, get_model
+
+    model = get_model("cifar-resnet20")
+    data = get_dataset("cifar10")
+    xs, _ = data.evaluation
+    xs = xs[::95]  # 100 images, every class
+    table = calibrate(model, data.loader("calibration", 50, limit=50), "minmax", progress=False)
+    with torch.no_grad(), int8_simulation(model, table, mode="nvdla", weights="per-filter", example=xs[:2]) as sim:
+        plan = sim.plan
+        out = model(xs)
+        ref_layers = plan.layer_names
+    assert len(plan.layers) == 30 and ref_layers[0] == "conv1"
+    down = plan.layer("layer2.0.add")  # option-A shortcut: subsample + zero channels keeps its input's scale
+    assert down.input_taps == ("layer1.2.relu2", "layer1.2.relu2") and down.output_tap == "layer2.0.relu2"
+    assert plan.layer("layer2.0.conv2").output_tap == "layer1.2.relu2"  # the element-wise rule
+    assert plan.layer("layer2.0.conv1").taps == ("layer2.0.conv1", "layer2.0.bn1", "layer2.0.relu1")
+    assert plan.layer("avgpool").input_taps == ("layer3.2.relu2",)
+    assert plan.calls[plan.call_index("layer2.0.shortcut")].kind == "pass"
+    with torch.no_grad():
+        ref = model(xs)
+    assert (out.argmax(1) == ref.argmax(1)).double().mean() >= 0.9
+    q = out / table["linear"].scale
+    assert torch.allclose(q, q.round(), atol=1e-3)
+
+
+def test_unrepresentable_ratio_names_the_layer(tiny, tiny_data):
+    t = table_of({"data": 1.0, "conv": 1e-30 * 127, "relu": 1e-30 * 127, "pool": 1.37, "flatten": 1.37, "fc": 2.03})
+    snap = _snapshot(tiny)
+    with pytest.raises(CalibrationError, match="layer 'conv'"):
+        with int8_simulation(tiny, t, mode="nvdla"):
+            tiny(tiny_data)
+    _assert_restored(tiny, snap)
