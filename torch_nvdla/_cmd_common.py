@@ -6,7 +6,7 @@ import argparse
 
 from ._errors import CalibrationError
 
-__all__ = ["add_calibration_options", "add_model_options", "calibration_loader", "calibration_kwargs"]
+__all__ = ["add_calibration_options", "add_model_options", "calibration_kwargs", "calibration_loader", "dataset_for"]
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -38,8 +38,8 @@ def calibration_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def calibration_loader(args: argparse.Namespace):
-    """The data set named by ``--data`` (or the model's own) and its calibration loader.
+def dataset_for(args: argparse.Namespace):
+    """The data set named by ``--data``, or the built-in model's own.
 
     Raises:
         CalibrationError: an entry-point model without ``--data``.
@@ -48,6 +48,11 @@ def calibration_loader(args: argparse.Namespace):
 
     name = args.data or default_dataset_for(args.model)
     if name is None:
-        raise CalibrationError(f"--data is required for the entry point {args.model!r}")
-    data = get_dataset(name)
+        raise CalibrationError(f"--data is required for the entry-point model {args.model!r}")
+    return get_dataset(name)
+
+
+def calibration_loader(args: argparse.Namespace):
+    """The data set (see :func:`dataset_for`) and its calibration loader."""
+    data = dataset_for(args)
     return data, data.loader("calibration", args.batch_size, limit=args.num_images)

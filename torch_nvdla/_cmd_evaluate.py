@@ -41,18 +41,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ._console import say
-    from ._errors import CalibrationError
     from ._data import batches
     from ._evaluate import evaluate, spread_subset
     from ._io import atomic_write_json
     from ._table import CalibrationTable
-    from ._zoo import default_dataset_for, get_dataset, get_model
+    from ._cmd_common import dataset_for
+    from ._zoo import get_model
 
-    data_name = args.data or default_dataset_for(args.model)
-    if data_name is None:
-        raise CalibrationError(f"--data is required for the entry-point model {args.model!r}")
+    data = dataset_for(args)
     model = get_model(args.model)
-    data = get_dataset(data_name)
     if args.table:
         calibration = CalibrationTable.load(args.table)
     else:
@@ -61,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(model, calibration, batches(xs, ys, args.batch_size),
                       methods=args.methods, simulations=args.simulations, weights=args.weights,
                       placement=args.placement, percentile=args.percentile, missing=args.missing,
-                      progress=not args.json, model_name=args.model, data_name=data_name)
+                      progress=not args.json, model_name=args.model, data_name=data.name)
     if args.output:
         atomic_write_json(args.output, report.to_dict())
     if args.json:

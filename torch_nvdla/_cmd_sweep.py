@@ -34,18 +34,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ._calibrate import calibrate
     from ._console import say
-    from ._errors import CalibrationError
     from ._data import batches
     from ._evaluate import spread_subset
     from ._sweep import sweep
     from ._table import CalibrationTable
-    from ._zoo import default_dataset_for, get_dataset, get_model
+    from ._cmd_common import dataset_for
+    from ._zoo import get_model
 
-    data_name = args.data or default_dataset_for(args.model)
-    if data_name is None:
-        raise CalibrationError(f"--data is required for the entry-point model {args.model!r}")
+    data = dataset_for(args)
     model = get_model(args.model)
-    data = get_dataset(data_name)
     if args.table:
         table = CalibrationTable.load(args.table)
     else:
