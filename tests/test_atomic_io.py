@@ -154,3 +154,17 @@ def test_new_files_get_normal_modes_and_replaced_files_keep_theirs(tmp_path):
 def test_creates_missing_directories(tmp_path):
     path = atomic_write_bytes(tmp_path / "a" / "b" / "c.bin", b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
+
+
+def test_new_file_gets_the_umask_mode_and_a_replaced_file_keeps_its_mode(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        fresh = atomic_write_text(tmp_path / "fresh.json", "{}")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}")
+        kept.chmod(0o640)
+        atomic_write_text(kept, "[]")
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "[]"
+    finally:
+        os.umask(old_umask)

@@ -498,3 +498,19 @@ def test_cli_calibrate_json(tmp_path, capsys):
     assert printed["taps"][0]["name"] == "data"
     assert all(t["amax"] > 0 for t in printed["taps"])
     assert saved.meta["num_batches"] == 1  # 100 images at the default batch size of 100
+
+
+def test_cache_is_not_reused_for_retrained_weights(tmp_path):
+    from torch_nvdla._calibrate import model_fingerprint
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    b = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())  # same architecture, other weights
+    assert model_fingerprint(a) == model_fingerprint(a)
+    assert model_fingerprint(a) != model_fingerprint(b)
+    cache = tmp_path / "t.calib"
+    x = torch.randn(16, 4)
+    calibrate(a, [x], "minmax", cache=cache, progress=False)
+    t_b = calibrate(b, [x], "minmax", cache=cache, progress=False)
+    with torch.no_grad():
+        assert t_b["0"].amax == pytest.approx(float(b[0](x).abs().max()))

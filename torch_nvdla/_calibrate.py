@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import json
+
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -187,12 +187,16 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model's structure: module paths, types and parameter shapes."""
+    """A hash of the model: module paths, types, parameter shapes, and a cheap weight
+    signature (each parameter's sum and sum of absolute values) so that a retrained model
+    of the same architecture does not reuse a stale cache."""
     h = hashlib.sha256()
-    for path, module in model.named_modules():
-        h.update(f"{path}:{type(module).__name__};".encode())
-        for pname, p in module.named_parameters(recurse=False):
-            h.update(f"{pname}{tuple(p.shape)};".encode())
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            h.update(f"{path}:{type(module).__name__};".encode())
+            for pname, p in module.named_parameters(recurse=False):
+                q = p.detach().double()
+                h.update(f"{pname}{tuple(p.shape)}:{float(q.sum()):.12e}:{float(q.abs().sum()):.12e};".encode())
     return h.hexdigest()[:16]
 
 
