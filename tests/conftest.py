@@ -23,3 +23,13 @@ def shared_data():
 def device(request):
     """Runs a test body once on the CPU and once on CUDA when a GPU is present."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (small tensors: thread hand-offs cost more
+    than they save), restoring the previous thread count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ from torch_nvdla.models.resnet_cifar import load_resnet_cifar
 LENET = ["data", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1", "ip2", "prob"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: thread hand-offs cost more than they save (and the CI box is shared)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _structure(net):

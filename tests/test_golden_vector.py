@@ -38,13 +38,7 @@ GOLDEN_MT = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: thread hand-offs cost more than they save (and the CI box is shared)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

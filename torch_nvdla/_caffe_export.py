@@ -814,15 +814,6 @@ def _range_tap(val: _Val, preset_map: Mapping[str, str], own: str | None) -> str
     return (outs or val.taps or [None])[0]
 
 
-def _unique(name: str, used: set[str]) -> str:
-    candidate, k = name, 1
-    while candidate in used:
-        candidate = f"{name}_{k}"
-        k += 1
-    used.add(candidate)
-    return candidate
-
-
 def _order(layers: list[_Layer], priority: Mapping[str, int]) -> list[_Layer]:
     """A topological order of ``layers`` that follows ``priority`` (preset order) where it can."""
     if not priority:
@@ -1031,7 +1022,7 @@ def convert_to_caffe(
 
     layers = _live(conv.layers, conv.outputs)
     # names: preset name of the chosen tap, else the generic name of the tap / op
-    from ._naming import generic_layer_name
+    from ._naming import generic_layer_name, unique_name
 
     used: set[str] = set()
     overrides = dict(overrides or {})
@@ -1056,12 +1047,12 @@ def convert_to_caffe(
                 break
         if not isinstance(name, str) or not name:
             raise CaffeExportError(f"layer name override for {tap or layer.base!r} must be a non-empty string")
-        layer.name = _unique(name, used)
+        layer.name = unique_name(name, used)
     for layer in layers:
         pooled = layer.subsample_of
         if pooled is not None:
             chosen_tap[id(layer)] = _range_tap(layer.out, preset_map, pooled.own_tap)
-            layer.name = _unique(f"{pooled.name}_subsample", used)
+            layer.name = unique_name(f"{pooled.name}_subsample", used)
     unmatched = sorted(set(overrides) - matched)
     if unmatched:
         raise CaffeExportError(f"name overrides matched no tap and no layer: {', '.join(unmatched)}")

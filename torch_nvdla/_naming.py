@@ -77,6 +77,7 @@ __all__ = [
     "generic_names",
     "resnet_caffe_names",
     "trace_producers",
+    "unique_name",
 ]
 
 #: Layer kinds; they decide which NVDLA consistency rule applies to an entry.
@@ -396,6 +397,16 @@ class NvdlaNames:
 # ------------------------------------------------------------------------------------------
 # Generic naming
 # ------------------------------------------------------------------------------------------
+
+
+def unique_name(name: str, used: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... -- the first not in ``used``, which it joins."""
+    candidate, k = name, 1
+    while candidate in used:
+        candidate = f"{name}_{k}"
+        k += 1
+    used.add(candidate)
+    return candidate
 
 
 def generic_layer_name(tap: str) -> str:

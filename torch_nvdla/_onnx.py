@@ -110,6 +110,7 @@ from ._calibrate import eval_mode
 from ._errors import CalibrationError
 from ._io import atomic_write_bytes
 from ._table import CalibrationTable
+from ._naming import unique_name
 from ._taps import BN_NORMALIZED, CallSites, DerivedTap, first_tensor
 
 __all__ = [
@@ -719,15 +720,6 @@ def map_taps(model: nn.Module, table: CalibrationTable | Sequence[str], onnx_mod
 # ----------------------------------------------------------------------------------------
 
 
-def _unique(name: str, used: set[str]) -> str:
-    out, k = name, 1
-    while out in used:
-        out = f"{name}_{k}"
-        k += 1
-    used.add(out)
-    return out
-
-
 def _all_names(graph) -> set[str]:
     used = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
     for n in graph.node:
@@ -806,14 +798,14 @@ def quantize_onnx(onnx_model, amax: Mapping[str, float], *, weights: str | None 
             qw = quantize_weight(wt, weights, name=wname)
             q = qw.q.numpy() if axis == 0 else np.ascontiguousarray(qw.q.numpy().T)
             scale = qw.scale.numpy().astype(np.float32)
-            qn = _unique(f"{wname}_quantized", used)
-            sn = _unique(f"{wname}_scale", used)
-            zn = _unique(f"{wname}_zero_point", used)
+            qn = unique_name(f"{wname}_quantized", used)
+            sn = unique_name(f"{wname}_scale", used)
+            zn = unique_name(f"{wname}_zero_point", used)
             new_inits += [numpy_helper.from_array(q.astype(np.int8), qn), numpy_helper.from_array(scale, sn),
                           numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)]
             kw = {"axis": axis} if scale.ndim == 1 else {}
             pre_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [wname],
-                                              name=_unique(f"{wname}_DequantizeLinear", used), **kw))
+                                              name=unique_name(f"{wname}_DequantizeLinear", used), **kw))
             quantized_weights[wname] = f"per-filter axis {axis}" if scale.ndim == 1 else "per-kernel"
         keep = [i for i in g.initializer if i.name not in quantized_weights]
         del g.initializer[:]
@@ -825,21 +817,21 @@ def quantize_onnx(onnx_model, amax: Mapping[str, float], *, weights: str | None 
     renamed: dict[str, str] = {}  # graph output T -> the float tensor now produced as T
     for name, a in amax.items():
         scale = np.float32(float(a) / 127.0)
-        sn = _unique(f"{name}_scale", used)
-        zn = _unique(f"{name}_zero_point", used)
+        sn = unique_name(f"{name}_scale", used)
+        zn = unique_name(f"{name}_zero_point", used)
         new_inits += [numpy_helper.from_array(np.array(scale, np.float32), sn),
                       numpy_helper.from_array(np.array(0, np.int8), zn)]
         src = name
         if name in graph_outputs:
-            src = _unique(f"{name}_float", used)
+            src = unique_name(f"{name}_float", used)
             renamed[name] = src
             dq = name
         else:
-            dq = _unique(f"{name}_dequantized", used)
-        qout = _unique(f"{name}_quantized", used)
+            dq = unique_name(f"{name}_dequantized", used)
+        qout = unique_name(f"{name}_quantized", used)
         pairs[name] = [
-            helper.make_node("QuantizeLinear", [src, sn, zn], [qout], name=_unique(f"{name}_QuantizeLinear", used)),
-            helper.make_node("DequantizeLinear", [qout, sn, zn], [dq], name=_unique(f"{name}_DequantizeLinear", used)),
+            helper.make_node("QuantizeLinear", [src, sn, zn], [qout], name=unique_name(f"{name}_QuantizeLinear", used)),
+            helper.make_node("DequantizeLinear", [qout, sn, zn], [dq], name=unique_name(f"{name}_DequantizeLinear", used)),
         ]
         dq_names[name] = dq
     rewire = {t: dq for t, dq in dq_names.items() if t not in renamed}
@@ -1216,7 +1208,7 @@ def _injected(qdq_model, dq_names: Sequence[str]):
     model = _copy(qdq_model)
     g = model.graph
     used = _all_names(g)
-    inputs = {d: _unique(f"{d}__injected", used) for d in dq_names}
+    inputs = {d: unique_name(f"{d}__injected", used) for d in dq_names}
     for node in g.node:
         for k, inp in enumerate(node.input):
             if inp in inputs:
@@ -1242,7 +1234,7 @@ def _half_away_model(qdq_model):
     g = model.graph
     used = _all_names(g)
     inits = {i.name: i for i in g.initializer}
-    half, lo, hi = (_unique(n, used) for n in ("half_away_0_5", "half_away_lo", "half_away_hi"))
+    half, lo, hi = (unique_name(n, used) for n in ("half_away_0_5", "half_away_lo", "half_away_hi"))
     nodes = []
     for n in g.node:
         zp = inits.get(n.input[2]) if n.op_type == "QuantizeLinear" and len(n.input) > 2 else None
@@ -1251,7 +1243,7 @@ def _half_away_model(qdq_model):
             nodes.append(n)
             continue
         x, sc = n.input[0], n.input[1]
-        t = [_unique(f"{n.output[0]}_half_away_{k}", used) for k in range(7)]
+        t = [unique_name(f"{n.output[0]}_half_away_{k}", used) for k in range(7)]
         nodes += [helper.make_node("Div", [x, sc], [t[0]]), helper.make_node("Abs", [t[0]], [t[1]]),
                   helper.make_node("Add", [t[1], half], [t[2]]), helper.make_node("Floor", [t[2]], [t[3]]),
                   helper.make_node("Sign", [t[0]], [t[4]]), helper.make_node("Mul", [t[3], t[4]], [t[5]]),
