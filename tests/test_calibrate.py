@@ -22,6 +22,7 @@ from torch import nn
 from torch_nvdla import (
     CalibrationError,
     CalibrationTable,
+    FileFormatError,
     NonFiniteActivationError,
     TapSelection,
     calibrate,
@@ -370,7 +371,104 @@ def test_cache_reused_without_running_the_model(images, tmp_path, capsys):
     assert again.amaxes() == first.amaxes()
     assert "using calibration cache" in capsys.readouterr().err
     other_data = calibrate(Counting(), images[:1], cache=path, progress=False)  # same model & method
-    assert other_data.amaxes() == first.amaxes()
+    assert "different data" in capsys.readouterr().err  # fewer batches: recalibrated
+    assert other_data.meta["num_batches"] == 1
+
+
+def _edit_cache(path, edit) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda o: o["taps"].clear(),
+    lambda o: o["taps"][1].update(amax=o["taps"][1]["amax"] * 2, scale=o["taps"][1]["amax"] * 2 / 127),
+    lambda o: o["taps"].pop(2),
+    lambda o: o["taps"].append(dict(o["taps"][1], name="extra")),
+    lambda o: o["taps"][1].update(name="renamed"),
+    lambda o: o["meta"].update(method="minmax"),
+], ids=["emptied", "amax-changed", "tap-removed", "tap-added", "tap-renamed", "meta-edited"])
+def test_hand_edited_cache_is_noticed_and_recalibrated(images, tmp_path, capsys, edit):
+    path = tmp_path / "calib.json"
+    first = calibrate(Counting(), images, cache=path, progress=False)
+    _edit_cache(path, edit)
+    model = Counting()
+    capsys.readouterr()
+    again = calibrate(model, images, cache=path, progress=False)
+    assert "modified after it was written" in capsys.readouterr().err
+    assert model.calls == len(images) and again.amaxes() == first.amaxes()
+
+
+def test_duplicated_tap_in_cache_is_a_named_error(images, tmp_path, capsys):
+    path = tmp_path / "calib.json"
+    calibrate(Counting(), images, cache=path, progress=False)
+    _edit_cache(path, lambda o: o["taps"].append(o["taps"][1]))
+    with pytest.raises(FileFormatError, match="appears twice"):
+        CalibrationTable.load(path)
+    model = Counting()
+    calibrate(model, images, cache=path, progress=False)
+    assert "unusable" in capsys.readouterr().err and model.calls == len(images)
+
+
+def _bn_stats(m):
+    m.bn1.running_mean.add_(0.5)
+
+
+def _bn_eps(m):
+    m.bn1.eps = 0.1
+
+
+def _permute_filters(m):
+    m.conv1.weight.data = m.conv1.weight.data.flip(0)
+    m.conv1.bias.data = m.conv1.bias.data.flip(0)
+
+
+def _swap_equal_sums(m):
+    w = m.conv1.weight.data.view(-1)
+    w[0], w[1] = w[1].clone(), w[0].clone()
+
+
+def _forward_changed(m):
+    m.forward = lambda x: Counting.forward(m, x * 2)
+
+
+@pytest.mark.parametrize("change", [_bn_stats, _bn_eps, _permute_filters, _swap_equal_sums, _forward_changed,
+                                    lambda m: m.double(), "data", "num_batches"],
+                         ids=["bn-stats", "bn-eps", "permuted-filters", "swapped-weights", "forward", "double",
+                              "data", "num_batches"])
+def test_cache_key_covers_model_and_data(images, tmp_path, capsys, change):
+    path = tmp_path / "calib.json"
+    calibrate(Counting(), images, cache=path, progress=False)
+    model = Counting()
+    data, kwargs = images, {}
+    if change == "data":
+        data = [x + 1 for x in images]
+    elif change == "num_batches":
+        kwargs["num_batches"] = len(images) - 1
+    else:
+        change(model)
+        if model.conv1.weight.dtype == torch.float64:
+            data = [x.double() for x in images]
+    capsys.readouterr()
+    calibrate(model, data, cache=path, progress=False, **kwargs)
+    assert "recalibrating" in capsys.readouterr().err and model.calls > 0
+
+
+def test_cache_key_covers_a_custom_tap_predicate(images, tmp_path):
+    path = tmp_path / "calib.json"
+    first = calibrate(Net(), images, taps=TapSelection(outputs=lambda p, m: p == "conv1"), cache=path, progress=False)
+    second = calibrate(Net(), images, taps=TapSelection(outputs=lambda p, m: p == "conv2"), cache=path, progress=False)
+    assert list(first) == ["data", "conv1"] and list(second) == ["data", "conv2"]
+
+
+def test_one_shot_iterator_never_reuses_a_cache(images, tmp_path, capsys):
+    path = tmp_path / "calib.json"
+    calibrate(Counting(), images, cache=path, progress=False)
+    model = Counting()
+    capsys.readouterr()
+    calibrate(model, iter(images), cache=path, progress=False)
+    assert "one-shot iterator" in capsys.readouterr().err and model.calls == len(images)
 
 
 @pytest.mark.parametrize("change", ["model", "method", "percentile", "bins"])

@@ -16,6 +16,7 @@ Policies:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 
@@ -187,32 +188,137 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model: module paths, types, parameter shapes, and a cheap weight
-    signature (each parameter's sum and sum of absolute values) so that a retrained model
-    of the same architecture does not reuse a stale cache."""
-    h = hashlib.sha256()
+    """A hash of everything a module's activations depend on, besides the data.
+
+    Covers each module's path, type, hyper-parameters (``extra_repr``), the code of its ``forward`` (the class's, or one set on the instance),
+    and every parameter *and buffer* (name, dtype, shape, bytes): retrained or permuted
+    weights, changed BatchNorm statistics, ``.double()`` or an edited ``forward`` all
+    change it.
+    """
+    h = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for path, module in model.named_modules():
-            h.update(f"{path}:{type(module).__name__};".encode())
-            for pname, p in module.named_parameters(recurse=False):
-                q = p.detach().double()
-                h.update(f"{pname}{tuple(p.shape)}:{float(q.sum()):.12e}:{float(q.abs().sum()):.12e};".encode())
-    return h.hexdigest()[:16]
+            h.update(f"{path}:{type(module).__module__}.{type(module).__qualname__};".encode())
+            h.update(module.extra_repr().encode())
+            forward = vars(module).get("forward", type(module).forward)
+            h.update(code_digest(forward).encode())
+            for kind, tensors in (("p", module.named_parameters(recurse=False)), ("b", module.named_buffers(recurse=False))):
+                for name, t in tensors:
+                    _hash_tensor(h, f"{kind}:{name}", t)
+    return h.hexdigest()
+
+
+def _hash_tensor(h, label: str, t: torch.Tensor) -> None:
+    h.update(f"{label}:{t.dtype}:{tuple(t.shape)};".encode())
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.detach().reshape(-1).cpu().contiguous()
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def code_digest(fn: Any) -> str:
+    """A hash of a function's code: bytecode, constants (nested code too), names and
+    closure values; the same for the same source, different after an edit."""
+    h = hashlib.blake2b(digest_size=16)
+    fn = getattr(fn, "__func__", fn)
+    if isinstance(fn, functools.partial):
+        h.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
+        fn = fn.func
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        h.update(f"{type(fn).__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+        return h.hexdigest()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        h.update(c.co_code)
+        h.update(repr(c.co_names).encode())
+        for const in c.co_consts:
+            if hasattr(const, "co_code"):
+                stack.append(const)
+            else:
+                h.update(repr(const).encode())
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        h.update((code_digest(value) if callable(value) else repr(value)).encode())
+    return h.hexdigest()
+
+
+class _Unfingerprintable(Exception):
+    pass
+
+
+def _hash_batch(h, batch: Any) -> None:
+    """Feed one batch to ``h``: tensors by dtype, shape and bytes; containers recursively."""
+    stack = [batch]
+    while stack:
+        b = stack.pop()
+        if isinstance(b, torch.Tensor):
+            _hash_tensor(h, "t", b)
+        elif isinstance(b, (list, tuple)):
+            h.update(f"{type(b).__name__}{len(b)};".encode())
+            stack.extend(reversed(b))
+        elif isinstance(b, dict):
+            h.update(f"dict{len(b)};".encode())
+            for k in b:
+                h.update(repr(k).encode())
+                stack.append(b[k])
+        elif isinstance(b, (int, float, str, bytes, bool, type(None))):
+            h.update(repr(b).encode())
+        elif type(b).__module__ == "numpy" and hasattr(b, "tobytes"):
+            h.update(f"{getattr(b, 'dtype', '')}{getattr(b, 'shape', '')}".encode() + b.tobytes())
+        else:
+            raise _Unfingerprintable(type(b).__name__)
+
+
+class _DataDigest:
+    """A running hash of the batches a pass consumes, and how many."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+        self.batches = 0
+        self.unhashable: str | None = None
+
+    def update(self, batch: Any) -> None:
+        self.batches += 1
+        if self.unhashable is None:
+            try:
+                _hash_batch(self._h, batch)
+            except _Unfingerprintable as e:
+                self.unhashable = str(e)
+
+    def value(self) -> str | None:
+        return None if self.unhashable else f"{self._h.hexdigest()}/{self.batches}"
+
+
+def _selection_key(taps: TapSelection) -> str:
+    outputs = taps.outputs if isinstance(taps.outputs, bool) else f"predicate {code_digest(taps.outputs)}"
+    derived = [(d.name, code_digest(d.fn)) if hasattr(d, "fn") else d.name for d in taps.derived]
+    return repr((taps.model_input, outputs, taps.inputs, derived, taps.reuse))
 
 
 def _cache_key(model: nn.Module, config: CalibConfig) -> dict:
+    """What a table depends on besides the data (the data's digest is added to it)."""
     return {
         "fingerprint": model_fingerprint(model),
         "method": config.method,
         "bins": config.bins,
         "options": config.strategy_options(),
         "overrides": config.overrides(),
-        "taps": repr(config.taps.inputs) + repr([d.name for d in config.taps.derived])
-        + repr(config.taps.model_input) + repr(config.taps.outputs if isinstance(config.taps.outputs, bool) else "custom"),
+        "taps": _selection_key(config.taps),
     }
 
 
-def _try_cache(path: Path, key: dict) -> CalibrationTable | None:
+def _batches(loader: Iterable, config: CalibConfig):
+    return loader if config.num_batches is None else itertools.islice(loader, config.num_batches)
+
+
+def _try_cache(path: Path, key: dict, loader: Iterable, config: CalibConfig,
+               progress: bool) -> CalibrationTable | None:
+    """The cached table when it was made from this model, these options and this data."""
     if not path.exists():
         say(f"[dim]calibration cache {path} not found: calibrating[/]")
         return None
@@ -221,10 +327,29 @@ def _try_cache(path: Path, key: dict) -> CalibrationTable | None:
     except FileFormatError as e:
         say(f"[yellow]calibration cache unusable ({e}): recalibrating[/]")
         return None
+    if table.saved_digest != table.digest():
+        say(f"[yellow]calibration cache {path} was modified after it was written (its digest does not match "
+            "its content): recalibrating[/]")
+        return None
     stored = table.meta.get("cache_key")
-    if stored != key:
-        diff = sorted(k for k in key if not isinstance(stored, dict) or stored.get(k) != key[k])
-        say(f"[yellow]calibration cache {path} is for a different {'/'.join(diff) or 'setup'}: recalibrating[/]")
+    stored = stored if isinstance(stored, dict) else {}
+    diff = sorted(k for k in key if stored.get(k) != key[k])
+    if not diff and iter(loader) is loader:
+        say(f"[yellow]calibration cache {path} not reused: a one-shot iterator cannot be fingerprinted without "
+            "consuming it (pass a re-iterable loader): recalibrating[/]")
+        return None
+    if not diff:
+        data = _DataDigest()
+        for batch in progress_iter(_batches(loader, config), "checking the cache's data", None, progress):
+            data.update(batch)
+        if data.unhashable:
+            say(f"[yellow]calibration cache {path} not reused: batches of type {data.unhashable} cannot be "
+                "fingerprinted: recalibrating[/]")
+            return None
+        if stored.get("data") != data.value():
+            diff = ["data (content or number of batches)"]
+    if diff:
+        say(f"[yellow]calibration cache {path} is for a different {'/'.join(diff)}: recalibrating[/]")
         return None
     say(f"[green]using calibration cache {path}[/] ({len(table)} taps)")
     return table
@@ -281,12 +406,13 @@ def calibrate(
         raise CalibrationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     key = _cache_key(model, config)
     if cache is not None:
-        cached = _try_cache(Path(cache), key)
+        cached = _try_cache(Path(cache), key, loader, config, progress)
         if cached is not None:
             return cached
 
     dev = torch.device(config.device) if config.device is not None else _model_device(model)
-    batches = loader if config.num_batches is None else itertools.islice(loader, config.num_batches)
+    batches = _batches(loader, config)
+    data = _DataDigest() if cache is not None else None
     total = config.num_batches
     if hasattr(loader, "__len__"):
         total = len(loader) if total is None else min(total, len(loader))
@@ -294,6 +420,8 @@ def calibrate(
     hooks = TapHooks(model, config.taps, config.bins)
     with torch.no_grad(), eval_mode(model), hooks:
         for i, batch in enumerate(progress_iter(batches, "calibrating", total, progress)):
+            if data is not None:
+                data.update(batch)
             if forward is not None:
                 forward(model, batch)
             else:
@@ -321,6 +449,8 @@ def calibrate(
         "model": type(model).__name__,
         "cache_key": key,
     }
+    if data is not None:
+        key["data"] = data.value()
     table = CalibrationTable(ranges, hooks.infos, {n: h.to("cpu") for n, h in histograms.items()}, meta)
     if cache is not None:
         table.save(cache)

@@ -10,6 +10,7 @@ __all__ = [
     "CalibrationError",
     "FileFormatError",
     "NonFiniteActivationError",
+    "OutputError",
     "TorchNvdlaError",
 ]
 
@@ -41,3 +42,20 @@ class FileFormatError(TorchNvdlaError, ValueError):
         self.problem = problem
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {problem}")
+
+
+class OutputError(TorchNvdlaError, OSError):
+    """An output cannot be written (a folder in its place, no permission, no space...).
+
+    Attributes:
+        path: the user's path (never a temporary file's).
+        problem: what is wrong.
+    """
+
+    def __init__(self, path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"

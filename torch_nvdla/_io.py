@@ -1,46 +1,198 @@
-"""Atomic file writes: a reader never sees a half-written file.
+"""Files in and out: atomic writes published together, bounded and validated reads.
 
-The data goes to a temporary file in the destination's directory, is flushed and
-fsync'ed, then ``os.replace``d over the destination (atomic on POSIX and Windows).
-A process killed mid-write leaves the previous file intact.
+A write goes to a hidden temporary file beside the destination, is fsync'ed, then
+``os.replace``d over it. Inside :func:`publish_together` every write of the block is
+staged and published only when the block succeeds: a run's outputs appear together or
+not at all. Temporary files left by a killed process are removed by the next write in
+that folder. Reads are bounded in size and every problem is a :class:`FileFormatError`
+naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
+import re
 import secrets
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from ._errors import FileFormatError
+from ._errors import FileFormatError, OutputError
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "read_json", "read_text"]
+__all__ = [
+    "MAX_READ_BYTES",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "publish_together",
+    "read_bytes",
+    "read_json",
+    "read_text",
+]
+
+#: The largest file any reader accepts (calib.json, tables, caches, prototxt, caffemodel).
+MAX_READ_BYTES = int(os.environ.get("TORCH_NVDLA_MAX_READ_BYTES", 2 << 30))
+#: Longest integer literal a JSON reader converts exactly; longer ones become floats.
+_MAX_INT_DIGITS = 300
+#: Characters of the destination's name kept in a temporary file's name (NAME_MAX is 255).
+_TMP_NAME_CHARS = 64
+_TMP_RE = re.compile(r"^\..*\.(\d+)\.[0-9a-f]{12}\.tmp$")
+
+
+class _Stage:
+    """Writes staged by :func:`publish_together`: destination -> temporary file."""
+
+    def __init__(self) -> None:
+        self.pending: dict[Path, Path] = {}
+        self.made_dirs: list[Path] = []
+
+
+_STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("torch_nvdla_stage", default=None)
+_swept: set[Path] = set()
+
+
+@contextlib.contextmanager
+def publish_together() -> Iterator[None]:
+    """Stage every atomic write of the block; publish them all when it succeeds.
+
+    On an exception no staged file is published, the temporary files are removed and so
+    are the folders the block created. Nested blocks join the outermost one.
+    """
+    if _STAGE.get() is not None:
+        yield
+        return
+    stage = _Stage()
+    token = _STAGE.set(stage)
+    try:
+        yield
+        _STAGE.reset(token)
+        token = None
+        for dest, tmp in stage.pending.items():
+            try:
+                os.replace(tmp, dest)
+            except OSError as e:
+                raise OutputError(dest, e.strerror or str(e)) from None
+            stage.pending[dest] = dest  # published
+    except BaseException:
+        for dest, tmp in stage.pending.items():
+            if tmp != dest:
+                _unlink(tmp)
+        for d in reversed(stage.made_dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty: nothing of the user's goes
+        raise
+    finally:
+        if token is not None:
+            _STAGE.reset(token)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def _sweep_stale(directory: Path) -> None:
+    """Remove temporary files that a killed writer left in ``directory`` (once per process)."""
+    key = directory.resolve()
+    if key in _swept:
+        return
+    _swept.add(key)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+        elif entry.name.startswith(".export-caffe-") and entry.is_dir(follow_symlinks=False):
+            # Left by earlier versions' export_caffe when killed; it held only its own files.
+            with contextlib.suppress(OSError):
+                if time.time() - entry.stat().st_mtime > 3600:
+                    import shutil
+
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _make_dirs(directory: Path, stage: _Stage | None) -> None:
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(d, f"cannot create the folder: {e.strerror or e}") from None
+        if stage is not None:
+            stage.made_dirs.append(d)
+    if not directory.is_dir():
+        raise OutputError(directory, "is not a folder")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and return the path."""
+    """Write ``data`` to ``path`` atomically and return the path.
+
+    Inside :func:`publish_together` the file is published when the block ends.
+
+    Raises:
+        OutputError: the path is a folder, or cannot be written (naming ``path``).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(path, "is a folder; give a file name")
     directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
+    stage = _STAGE.get()
+    _make_dirs(directory, stage)
+    _sweep_stale(directory)
     try:
         mode = os.stat(path).st_mode & 0o777  # keep the mode of the file being replaced
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         mode = 0o666  # as a plain open() would: the umask applies
+    except OSError as e:
+        raise OutputError(path, e.strerror or str(e)) from None
     # A fresh, exclusive name in the destination's folder (same file system for replace).
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    tmp = directory / f".{path.name[:_TMP_NAME_CHARS]}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    except OSError as e:
+        raise OutputError(path, f"cannot write: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if stage is None:
+            os.replace(tmp, path)
+        else:
+            old = stage.pending.pop(path, None)
+            if old is not None:
+                _unlink(old)
+            stage.pending[path] = tmp
+    except BaseException as e:
+        _unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(path, f"cannot write: {e.strerror or e}") from None
         raise
     return path
 
@@ -55,20 +207,38 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
     return atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
+def read_bytes(path: str | os.PathLike, what: str = "file", limit: int | None = None) -> bytes:
+    """Read a whole file, refusing more than ``limit`` bytes (default :data:`MAX_READ_BYTES`).
+
+    Raises:
+        FileNotFoundError: ``"<path>: <what> not found"``.
+        FileFormatError: a folder, unreadable, or larger than the limit.
+    """
+    path = Path(path)
+    limit = MAX_READ_BYTES if limit is None else limit
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise FileFormatError(path, f"is a folder, not a {what}") from None
+    except OSError as e:
+        raise FileFormatError(path, f"cannot read: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise FileFormatError(path, f"larger than the {limit} bytes a {what} may have "
+                                    "(set TORCH_NVDLA_MAX_READ_BYTES to raise the limit)")
+    return data
+
+
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
     """Read a UTF-8 text file (a leading byte-order mark is dropped).
 
     Raises:
         FileNotFoundError: ``"<path>: <what> not found"``.
-        FileFormatError: unreadable, or not UTF-8 (naming the line and byte).
+        FileFormatError: unreadable, too large, or not UTF-8 (naming the line and byte).
     """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise FileFormatError(path, f"cannot read: {e.strerror or e}") from None
+    raw = read_bytes(path, what)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -77,15 +247,94 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+class _JsonProblem(Exception):
+    def __init__(self, problem: str, needle: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.needle = needle
+
+
+def _parse_int(s: str) -> int | float:
+    # Exact for ordinary integers; a huge literal becomes a float (inf past 1e308), which
+    # every validator then rejects as out of range instead of overflowing later.
+    return int(s) if len(s) <= _MAX_INT_DIGITS else float(s)
+
+
+def _reject_constant(name: str):
+    raise _JsonProblem(f"{name} is not a JSON number", name)
+
+
+def _check_string(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _JsonProblem(f"the string {s!r} holds a lone surrogate (not valid Unicode)") from None
+    return s
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        _check_string(k)
+        if k in out:
+            raise _JsonProblem(f"duplicate key {k!r}", json.dumps(k))
+        out[k] = v
+    return out
+
+
+def _line_of(text: str, needle: str | None, nth: int = 2) -> int | None:
+    if not needle:
+        return None
+    pos = -1
+    for _ in range(nth):
+        pos = text.find(needle, pos + 1)
+        if pos < 0:
+            return None
+    return text.count("\n", 0, pos) + 1
+
+
+def parse_json(text: str, path: str | os.PathLike) -> Any:
+    """Parse JSON text strictly: no NaN/Infinity, no duplicate keys, valid Unicode strings,
+    bounded nesting; integers too long to convert exactly become floats.
+
+    Raises:
+        FileFormatError: naming ``path`` and, where known, the line.
+    """
+    try:
+        obj = json.loads(text, object_pairs_hook=_pairs, parse_int=_parse_int, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    except RecursionError:
+        raise FileFormatError(path, "invalid JSON: nested too deeply") from None
+    except _JsonProblem as e:
+        raise FileFormatError(path, f"invalid JSON: {e.problem}", line=_line_of(text, e.needle, 2 if e.needle and
+                                                                                   e.needle.startswith('"') else 1)) from None
+    except ValueError as e:  # e.g. Python's limit on int digits
+        raise FileFormatError(path, f"invalid JSON: {e}") from None
+    try:
+        _check_strings(obj)
+    except _JsonProblem as e:
+        raise FileFormatError(path, f"invalid JSON: {e.problem}") from None
+    return obj
+
+
+def _check_strings(obj: Any) -> None:
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            _check_string(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Read a JSON file.
+    """Read a JSON file (see :func:`parse_json`).
 
     Raises:
         FileNotFoundError: no such file.
-        FileFormatError: not UTF-8 or invalid/truncated JSON, naming the line.
+        FileFormatError: not UTF-8, too large or invalid JSON, naming the line.
     """
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FileFormatError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    return parse_json(read_text(path, what), path)

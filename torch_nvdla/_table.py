@@ -12,6 +12,8 @@ makes the compiler fail).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -72,6 +74,8 @@ class CalibrationTable(Mapping):
         self.infos = dict(infos or {})
         self.histograms = dict(histograms or {})
         self.meta = dict(meta or {})
+        #: The digest a loaded file carried (see :meth:`digest`); None for a table made here.
+        self.saved_digest: str | None = None
         for name, r in self._ranges.items():
             if not (math.isfinite(r.amax) and r.amax > 0):
                 raise ValueError(f"tap {name!r}: amax must be finite and > 0, got {r.amax!r}")
@@ -131,7 +135,8 @@ class CalibrationTable(Mapping):
                 info.pop("name")
                 entry["info"] = info
             taps.append(entry)
-        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "meta": self.meta, "taps": taps}
+        meta = {**self.meta, "digest": self.digest()}
+        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "meta": meta, "taps": taps}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the table as JSON, atomically (a reusable calibration cache)."""
@@ -139,10 +144,12 @@ class CalibrationTable(Mapping):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationTable":
-        """Read a table written by :meth:`save`.
+        """Read a table written by :meth:`save`, validating all of it.
 
         Raises:
-            FileFormatError: naming the file (and the tap) when it is not such a table.
+            FileFormatError: naming the file and the tap when it is not such a table: a
+                wrong type anywhere, a duplicate tap, an amax that is not a finite number
+                > 0, a scale that is not ``amax / 127``.
         """
         path = Path(path)
         obj = read_json(path, "calibration table")
@@ -153,20 +160,29 @@ class CalibrationTable(Mapping):
         taps = obj.get("taps")
         if not isinstance(taps, list):
             raise FileFormatError(path, "\"taps\" must be a list")
+        meta = obj.get("meta", {})
+        if not isinstance(meta, dict):
+            raise FileFormatError(path, f"\"meta\" must be an object, got {_json_type(meta)}")
         ranges, infos = {}, {}
         for i, t in enumerate(taps):
-            try:
-                name = t["name"]
-                amax = float(t["amax"])
-                ranges[name] = TapRange(name, amax, str(t.get("method", "")), float(t.get("min", 0.0)),
-                                        float(t.get("max", 0.0)))
-                if "info" in t:
-                    infos[name] = TapInfo(name=name, **t["info"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise FileFormatError(path, f"tap #{i} ({t.get('name', '?') if isinstance(t, dict) else t!r}): {e}") from None
-            if not (math.isfinite(amax) and amax > 0):
-                raise FileFormatError(path, f"tap {name!r}: amax must be finite and > 0, got {amax!r}")
-        return cls(ranges, infos, None, obj.get("meta") or {})
+            name, r, info = _tap_from_dict(path, i, t)
+            if name in ranges:
+                raise FileFormatError(path, f"tap #{i}: {name!r} appears twice")
+            ranges[name] = r
+            if info is not None:
+                infos[name] = info
+        meta = dict(meta)
+        saved = meta.pop("digest", None)
+        table = cls(ranges, infos, None, meta)
+        table.saved_digest = saved if isinstance(saved, str) else None
+        return table
+
+    def digest(self) -> str:
+        """A SHA-256 over the ranges (names, amax, method, min, max, in order) and the meta:
+        :meth:`save` writes it into the file's meta, so an edited file is noticed."""
+        body = {"meta": self.meta,
+                "taps": [[n, r.amax, r.method, r.min, r.max] for n, r in self._ranges.items()]}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
     def save_histograms(self, directory: str | os.PathLike, *, plots: bool = True) -> Path:
         """Write each tap's |x| histogram (the NVDLA calibrator's ``-histdir``).
@@ -208,6 +224,57 @@ class CalibrationTable(Mapping):
                                 self._ranges[name].method if name in self._ranges else "")
         atomic_write_json(directory / "index.json", index)
         return directory
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), f"the number {v!r}")
+
+
+def _number(path: Path, where: str, key: str, v: Any, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise FileFormatError(path, f"{where}: \"{key}\" must be a number, got {_json_type(v)}")
+    f = float(v)
+    if not math.isfinite(f) or (positive and not f > 0):
+        raise FileFormatError(path, f"{where}: \"{key}\" must be a finite number{' > 0' if positive else ''}, "
+                                    f"got {v if abs(f) < 1e300 else 'a number out of range'}")
+    return f
+
+
+_INFO_FIELDS = {"module": str, "call": int, "kind": str, "module_type": str, "order": int, "derived": str}
+
+
+def _tap_from_dict(path: Path, i: int, t: Any) -> tuple[str, TapRange, TapInfo | None]:
+    """One ``"taps"`` entry of a saved table, every field checked."""
+    if not isinstance(t, dict):
+        raise FileFormatError(path, f"tap #{i} must be an object, got {_json_type(t)}")
+    name = t.get("name")
+    if not isinstance(name, str) or not name:
+        raise FileFormatError(path, f"tap #{i}: \"name\" must be a non-empty string, got {_json_type(name)}")
+    where = f"tap #{i} ({name!r})"
+    if "amax" not in t:
+        raise FileFormatError(path, f"{where}: no \"amax\"")
+    amax = _number(path, where, "amax", t["amax"], positive=True)
+    lo = _number(path, where, "min", t.get("min", 0.0))
+    hi = _number(path, where, "max", t.get("max", 0.0))
+    if "scale" in t:
+        scale = _number(path, where, "scale", t["scale"], positive=True)
+        if abs(scale - amax / 127.0) > 1e-9 * amax:
+            raise FileFormatError(path, f"{where}: \"scale\" {scale!r} is not amax / 127 = {amax / 127.0!r}")
+    method = t.get("method", "")
+    if not isinstance(method, str):
+        raise FileFormatError(path, f"{where}: \"method\" must be a string, got {_json_type(method)}")
+    info = None
+    if "info" in t:
+        raw = t["info"]
+        if not isinstance(raw, dict) or set(raw) - set(_INFO_FIELDS) or not {"module", "call", "kind", "module_type",
+                                                                              "order"} <= set(raw):
+            raise FileFormatError(path, f"{where}: \"info\" must be an object with {', '.join(_INFO_FIELDS)}")
+        for k, typ in _INFO_FIELDS.items():
+            if k in raw and (isinstance(raw[k], bool) or not isinstance(raw[k], typ)):
+                raise FileFormatError(path, f"{where}: info \"{k}\" must be {typ.__name__}, got {_json_type(raw[k])}")
+        info = TapInfo(name=name, **raw)
+    return name, TapRange(name, amax, method, lo, hi), info
 
 
 def _safe_filename(name: str) -> str:
