@@ -78,8 +78,6 @@ import dataclasses
 import heapq
 import operator
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -1289,39 +1287,25 @@ def export_caffe(
     text = conversion.prototxt_text()
     data = conversion.caffemodel_bytes()
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     final = {"prototxt": out / prototxt_name, "caffemodel": out / caffemodel_name}
     if table is not None:
         final["calib"] = out / calib_name
     if len({p.name for p in final.values()}) != len(final):
         raise CaffeExportError(f"the output file names collide: {', '.join(p.name for p in final.values())}")
-    tmp = Path(tempfile.mkdtemp(prefix=".export-caffe-", dir=out))
     report = None
-    try:
-        from ._io import atomic_write_bytes, atomic_write_text
+    from ._io import atomic_write_bytes, atomic_write_text, publish_together
 
-        atomic_write_text(tmp / "deploy.prototxt", text)
-        atomic_write_bytes(tmp / "model.caffemodel", data)
+    with publish_together():  # the three files appear together, or none of them
+        atomic_write_text(final["prototxt"], text)
+        atomic_write_bytes(final["caffemodel"], data)
         if table is not None:
-            report = export_calib_json(table, tmp / "calib.json", nv, eltwise=eltwise, quiet=True)
-            from ._calibjson import _uppercase_finding
+            report = export_calib_json(table, final["calib"], nv, eltwise=eltwise, quiet=True)
+    if report is not None:
+        from ._console import say
 
-            up = _uppercase_finding(final["calib"], "warning")
-            if up is not None:
-                from ._console import say
-
-                say(f"[yellow]warning:[/] {up.message}")
-        os.replace(tmp / "deploy.prototxt", final["prototxt"])
-        os.replace(tmp / "model.caffemodel", final["caffemodel"])
-        if table is not None:
-            os.replace(tmp / "calib.json", final["calib"])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)  # it only held the temporary folder
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+        for f in report.findings:
+            if f.rule == "uppercase-path":
+                say(f"[yellow]warning:[/] {f.message}")
     scales = dict(report.scales) if report is not None else {}
     if report is not None:
         report = dataclasses.replace(report, path=final["calib"])

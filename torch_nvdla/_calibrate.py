@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ._console import progress_iter, say
-from ._errors import CalibrationError, FileFormatError, NonFiniteActivationError
+from ._errors import CalibrationError, FileFormatError, NonFiniteActivationError, TorchNvdlaError
 from ._histogram import Histogram
 from ._table import ZERO_TAP_AMAX, CalibrationTable, TapRange
 from ._taps import TapHooks, TapSelection
@@ -179,6 +179,14 @@ def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None, 
         f"batch {index} is a {type(batch).__name__}; expected a tensor, an (inputs, target) "
         "tuple/list or a dict; pass forward=lambda model, batch: ... for anything else"
     )
+
+
+def describe_batch(batch: Any) -> str:
+    """``input 8x1x28x28 float32`` or the batch's type, for messages."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(x, torch.Tensor):
+        return f"input {'x'.join(map(str, x.shape))} {str(x.dtype).replace('torch.', '')}"
+    return f"a {type(batch).__name__}"
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -422,10 +430,17 @@ def calibrate(
         for i, batch in enumerate(progress_iter(batches, "calibrating", total, progress)):
             if data is not None:
                 data.update(batch)
-            if forward is not None:
-                forward(model, batch)
-            else:
-                run_batch(model, batch, dev, i)
+            try:
+                if forward is not None:
+                    forward(model, batch)
+                else:
+                    run_batch(model, batch, dev, i)
+            except TorchNvdlaError:
+                raise
+            except Exception as e:
+                if hasattr(e, "add_note"):  # the CLI prints it; the exception keeps its type
+                    e.add_note(f"while running {type(model).__name__} on batch {i} ({describe_batch(batch)})")
+                raise
             seen += 1
     if seen == 0:
         raise CalibrationError("the loader yielded no batches: nothing to calibrate on")

@@ -9,6 +9,9 @@ from ._cmd_common import add_calibration_options, add_model_options
 
 HELP = "calibrate a model on data and write its calibration table"
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "file", "cache": "file", "histdir": "folder"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_model_options(p)

@@ -7,6 +7,9 @@ import json
 
 HELP = "convert a TensorRT calibration cache to an NVDLA calib.json, renaming tensors to layers"
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "file"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", help="TensorRT calibration cache (TRT-<version>-<calibrator> header)")

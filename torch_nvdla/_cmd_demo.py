@@ -12,6 +12,9 @@ import argparse
 
 HELP = "calibrate the embedded digits LeNet, print FP32 vs INT8 accuracy, write calib.json"
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "file"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="calib.json", help="calib.json to write (default calib.json)")

@@ -14,6 +14,9 @@ def _csv(value: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError("expected a comma-separated list")
     return items
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "file"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")

@@ -9,6 +9,9 @@ from ._cmd_common import add_calibration_options, add_model_options
 
 HELP = "calibrate a model with NVDLA layer names and write the compiler's calib.json"
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "file", "save_table": "file", "trt_cache": "file", "weights_dir": "folder"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_model_options(p)

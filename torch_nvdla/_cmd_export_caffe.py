@@ -19,6 +19,9 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected 4 positive integers N,C,H,W, got {text!r}")
     return dims
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output_dir": "folder", "save_table": "file"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     add_model_options(p)

@@ -7,6 +7,9 @@ import json
 
 HELP = "export a calibrated model to ONNX for TensorRT (DLA): Q/DQ nodes and/or a calibration cache"
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "file", "cache": "file"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     from ._cmd_common import add_model_options

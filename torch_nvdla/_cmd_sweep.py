@@ -7,6 +7,9 @@ import json
 
 HELP = "turn layers to INT8 one by one (cumulative) or alone (isolated) and measure the accuracy drop"
 
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "prefix"}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output",
     "publish_together",
     "read_bytes",
     "read_json",
@@ -148,6 +149,34 @@ def _make_dirs(directory: Path, stage: _Stage | None) -> None:
             stage.made_dirs.append(d)
     if not directory.is_dir():
         raise OutputError(directory, "is not a folder")
+
+
+def check_output(path: str | os.PathLike, kind: str = "file") -> Path:
+    """Fail early, before a long job, when ``path`` cannot be written.
+
+    Args:
+        path: the output.
+        kind: ``"file"``, ``"folder"`` or ``"prefix"`` (files named ``<path>.<ext>``).
+
+    Raises:
+        OutputError: a folder where a file is wanted (or the reverse), a name longer than
+            the file system allows, a parent that is a file or not writable.
+    """
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise OutputError(path, "is a folder; give a file name")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise OutputError(path, "is a file; give a folder")
+    if len(os.fsencode(path.name)) + (8 if kind == "prefix" else 0) > 255:
+        raise OutputError(path, "the file name is longer than the file system allows (255 bytes)")
+    probe = path if kind == "folder" else path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(path, f"{probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(path, f"cannot write in {probe} (permission denied or read-only)")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ._errors import TorchNvdlaError
@@ -57,15 +58,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return int(args._run(args) or 0)
-    except (TorchNvdlaError, FileNotFoundError, KeyError, ValueError) as e:
-        from ._console import console
+    from ._io import check_output, publish_together
 
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    try:
+        for option, kind in getattr(sys.modules.get(args._run.__module__), "OUTPUTS", {}).items():
+            if getattr(args, option, None):
+                check_output(getattr(args, option), kind)
+        with publish_together():  # a run's files appear together, or none of them
+            return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        _error("interrupted; nothing was written")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI promises a message, never a traceback
+        if os.environ.get("TORCH_NVDLA_DEBUG"):
+            raise
+        _error(_describe(e) + "; nothing was written")
         return 1
 
+
+def _describe(e: Exception) -> str:
+    """One line for the user: the error's own message, or what failed and where."""
+    if isinstance(e, TorchNvdlaError):
+        return str(e)
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    notes = "".join(f" ({n})" for n in getattr(e, "__notes__", ()))
+    if isinstance(e, (FileNotFoundError, ValueError)):
+        return (first or type(e).__name__) + notes
+    return (f"{type(e).__name__}: {first}{notes} (set TORCH_NVDLA_DEBUG=1 for the traceback)")
+
+
+def _error(message: str) -> None:
+    from rich.markup import escape
+
+    from ._console import console
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False)
 
 if __name__ == "__main__":
     raise SystemExit(main())
