@@ -64,7 +64,7 @@ import torch.fx
 from torch import nn
 
 from ._errors import TorchNvdlaError
-from ._prototxt import CaffeLayer, CaffeNet, Message, parse_prototxt
+from ._prototxt import CaffeLayer, CaffeNet, Message, parse_prototxt, structure_problems
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -673,6 +673,13 @@ def build_module(net: CaffeNet, weights: CaffeNet | Mapping[str, Sequence[np.nda
         blobs_by_layer = {k: list(v) for k, v in weights.items()}
         with_any = True
 
+    problems = structure_problems(net, SUPPORTED_TYPES, include=_phase_included)
+    if problems:
+        p = problems[0]
+        line = f":{p.line}" if p.line is not None else ""
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        kind = f" ({p.type})" if p.type else ""
+        raise CaffeImportError(f"{source}{line}: layer {p.layer!r}{kind}: {p.problem}{more}")
     inputs: dict[str, tuple[int, ...]] = dict(net.declared_inputs)
     layers = [layer for layer in net.layers if _phase_included(layer)]
     for layer in layers:
@@ -704,29 +711,17 @@ def build_module(net: CaffeNet, weights: CaffeNet | Mapping[str, Sequence[np.nda
     modules: dict[str, nn.Module] = {}
     used: set[str] = set()
     types: dict[str, str] = {}
-    seen_layers: set[str] = set()
     for layer in layers:
         where = _where(layer, source)
-        if layer.name in seen_layers:
-            raise CaffeImportError(f"{where}: duplicate layer name")
-        seen_layers.add(layer.name)
         if layer.type == "Input":
             continue
-        for b in layer.bottoms:
-            if b not in values:
-                raise CaffeImportError(f"{where}: bottom blob {b!r} is not produced by any earlier layer")
         if layer.type == "Split":
             steps.append(_Step(layer.name, None, tuple(layer.bottoms) * len(layer.tops), tuple(layer.tops)))
             for t in layer.tops:
                 values[t] = values[layer.bottoms[0]]
                 blob_shapes[t] = blob_shapes[layer.bottoms[0]]
             continue
-        builder = _BUILDERS.get(layer.type)
-        if builder is None:
-            raise CaffeImportError(
-                f"{where}: layer type {layer.type!r} is not supported by import_caffe "
-                f"(supported: {', '.join(SUPPORTED_TYPES)})"
-            )
+        builder = _BUILDERS[layer.type]  # structure_problems checked the type
         if len(layer.tops) != 1:
             raise CaffeImportError(f"{where}: {len(layer.tops)} tops; only single-top layers are supported")
         n_bottoms = len(layer.bottoms)

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 import numpy as np
 
 from torch_nvdla._errors import FileFormatError
-from torch_nvdla._io import atomic_write_bytes
+from torch_nvdla._io import atomic_write_bytes, read_bytes
 from torch_nvdla._prototxt import (
     V1_LAYER_TYPES,
     CaffeLayer,
@@ -775,6 +775,10 @@ def _decode_blob(buf: bytes, start: int, end: int, path: str, at: int) -> np.nda
         shape = tuple(legacy.get(k, 0) for k in (1, 2, 3, 4))
     if shape is None:
         shape = (data.size,)
+    if len(shape) > _MAX_BLOB_DIMS:
+        raise FileFormatError(
+            path, f"blob at byte offset {at} has {len(shape)} dimensions (at most {_MAX_BLOB_DIMS})"
+        )
     if any(d < 0 for d in shape):
         raise FileFormatError(
             path, f"blob at byte offset {at} has a negative dimension in shape {shape}"
@@ -786,6 +790,10 @@ def _decode_blob(buf: bytes, start: int, end: int, path: str, at: int) -> np.nda
             f"blob at byte offset {at}: shape {shape} needs {needed} values but the file holds {data.size}",
         )
     return data.reshape(shape)
+
+
+#: More dimensions than any Caffe blob has (numpy's own limit is 64).
+_MAX_BLOB_DIMS = 32
 
 
 def _decode_layer(buf: bytes, raw: _Raw, legacy: bool, index: int, path: str) -> CaffeLayer:
@@ -864,12 +872,14 @@ def decode_caffemodel(data: bytes, path: str | os.PathLike = "<bytes>") -> Caffe
                 path, "no layers found: not a Caffe model, or the file is cut short"
             )
         model = CaffeModel._from_header(header, layers, path)
-    except FileFormatError as exc:
-        if _looks_like_text(buf):
-            raise FileFormatError(
-                path, f"{exc.problem} (this looks like a text prototxt, not a binary caffemodel)"
-            ) from None
-        raise
+    except (ValueError, IndexError, OverflowError, MemoryError) as exc:
+        if isinstance(exc, FileFormatError):
+            if _looks_like_text(buf):
+                raise FileFormatError(
+                    path, f"{exc.problem} (this looks like a text prototxt, not a binary caffemodel)"
+                ) from None
+            raise
+        raise FileFormatError(path, f"cannot decode: {exc}") from None
     assert isinstance(model, CaffeModel)
     return model
 
@@ -881,7 +891,7 @@ def read_caffemodel(path: str | os.PathLike) -> CaffeModel:
         FileFormatError: the file is empty, truncated or garbled.
         FileNotFoundError: the file does not exist.
     """
-    return decode_caffemodel(Path(path).read_bytes(), path)
+    return decode_caffemodel(read_bytes(path, "caffemodel"), path)
 
 
 # ---------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ._errors import CalibrationError, FileFormatError
-from ._io import atomic_write_json, read_text
+from ._io import JsonProblem, atomic_write_json, check_strings, json_decoder, read_npz, read_text
 from ._naming import LayerName, NameResolution, NvdlaNames
 
 __all__ = [
@@ -640,8 +640,11 @@ def _entry_findings(name: str, value: Any, path: Path, line: int) -> tuple[Calib
         if isinstance(s, bool) or not isinstance(s, (int, float)):
             return err("scale-type", f"scale is {_describe(s)}, not a number (the compiler aborts)")
         s = float(s)
-        if not math.isfinite(s):
-            return err("non-finite", f"scale is {s!r}: NaN / Infinity are not JSON numbers and no usable scale")
+        if math.isnan(s):
+            return err("non-finite", f"scale is {s!r}: NaN is not a JSON number and no usable scale")
+        if math.isinf(s) or abs(s) >= 1e300:
+            return err("non-finite", "scale is infinite or out of range (Infinity, or a number too large to be a "
+                                     "scale): the compiler cannot represent it")
         if s == 0:
             return err("zero-scale", "scale is 0: the compiler fails (EngineEdge.cpp, layer not named)")
         if s < 0:
@@ -679,11 +682,16 @@ def scan_calib_json(path: str | os.PathLike) -> CalibScan:
     """
     path = Path(path)
     text = read_text(path, "calib.json")
-    dec = json.JSONDecoder()
+    dec = json_decoder(constants=True)  # NaN / Infinity become per-entry findings
     n = len(text)
+    counted = [0, 1]  # position, line there: lines are counted once, front to back
 
     def line_at(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
+        if pos < counted[0]:
+            return text.count("\n", 0, pos) + 1
+        counted[1] += text.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
 
     def ws(pos: int) -> int:
         while pos < n and text[pos] in _WS:
@@ -695,11 +703,17 @@ def scan_calib_json(path: str | os.PathLike) -> CalibScan:
 
     def value_at(pos: int, what: str):
         try:
-            return dec.raw_decode(text, pos)
+            value, end = dec.raw_decode(text, pos)
+            check_strings(value)
+            return value, end
         except json.JSONDecodeError as e:
             if e.pos >= n or ws(pos) >= n:
                 fail(e.pos, f"truncated: the file ends inside {what}")
             raise FileFormatError(path, f"invalid JSON in {what}: {e.msg}", line=e.lineno) from None
+        except RecursionError:
+            fail(pos, f"invalid JSON in {what}: nested too deeply")
+        except JsonProblem as e:
+            fail(pos, f"invalid JSON in {what}: {e.problem}")
 
     pos = ws(0)
     if pos >= n:
@@ -787,6 +801,8 @@ def layers_from_prototxt(net) -> tuple[list[LayerName], dict[str, int | None]]:
     Returns:
         ``(layers, lines)``: the layers in file order and layer name -> prototxt line.
     """
+    from ._prototxt import is_test_phase
+
     layers: list[LayerName] = []
     lines: dict[str, int | None] = {}
     writer: dict[str, str] = {}
@@ -795,6 +811,19 @@ def layers_from_prototxt(net) -> tuple[list[LayerName], dict[str, int | None]]:
         lines[blob] = None
         writer[blob] = blob
     for layer in net.layers:
+        if is_test_phase(layer) or not layer.name:
+            continue
+        if layer.type == "Input":  # the compiler keys a network input by its blob name
+            for top in layer.tops:
+                layers.append(LayerName(name=top, kind="input"))
+                lines[top] = layer.line
+                writer[top] = top
+            continue
+        if layer.type in _PASS_THROUGH:  # the compiler makes no layer: the top is the bottom's tensor
+            if layer.bottoms and layer.bottoms[0] in writer:
+                for top in layer.tops:
+                    writer[top] = writer[layer.bottoms[0]]
+            continue
         inputs = tuple(writer[b] for b in layer.bottoms if b in writer)
         if len(inputs) != len(layer.bottoms):
             inputs = ()
@@ -803,6 +832,10 @@ def layers_from_prototxt(net) -> tuple[list[LayerName], dict[str, int | None]]:
         for top in layer.tops:
             writer[top] = layer.name
     return layers, lines
+
+
+#: Layers the compiler's Caffe parser skips (no layer, no calib.json key).
+_PASS_THROUGH = frozenset({"Dropout", "Flatten"})
 
 
 def load_weight_blobs(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -816,19 +849,24 @@ def load_weight_blobs(path: str | os.PathLike) -> dict[str, np.ndarray]:
         FileFormatError: not a readable ``.npz``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {}
-            for key in z.files:
-                if key.endswith(".weight"):
-                    out[key[: -len(".weight")]] = np.asarray(z[key])
-                elif "." not in key and z[key].ndim >= 2:
-                    out.setdefault(key, np.asarray(z[key]))
-            return out
-    except (OSError, ValueError, EOFError) as e:
-        raise FileFormatError(path, f"not a readable .npz archive ({e})") from None
+    out = {}
+    for key, arr in read_npz(path, "weights .npz").items():
+        if key.endswith(".weight"):
+            out[key[: -len(".weight")]] = _weight_array(path, key, arr)
+        elif "." not in key and arr.ndim >= 2:
+            out.setdefault(key, _weight_array(path, key, arr))
+    return out
+
+
+def _weight_array(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind not in "fiu":
+        raise FileFormatError(path, f"array {key!r} is {arr.dtype} ({'complex' if arr.dtype.kind == 'c' else 'not real numbers'}): "
+                                    "weights must be real numbers")
+    if arr.size == 0:
+        raise FileFormatError(path, f"array {key!r} is empty (shape {arr.shape})")
+    if not np.all(np.isfinite(arr)):
+        raise FileFormatError(path, f"array {key!r} holds NaN or Inf")
+    return arr
 
 
 def _weight_scale(w: np.ndarray) -> float:
@@ -908,9 +946,12 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
                                         "(pass --prototxt to check the ratios)", _where(scan.path, scan.entries[name].line),
                                         scan.entries[name].line))
         return CheckResult(scan.path, findings, scales, layers)
-    from ._prototxt import parse_prototxt
+    from ._prototxt import COMPILER_LAYER_TYPES, parse_prototxt, structure_problems
 
     net = parse_prototxt(Path(prototxt))
+    for p in structure_problems(net, COMPILER_LAYER_TYPES):
+        findings.append(Finding("error", "structure", p.layer, f"{p.problem} (the compiler fails)",
+                                _where(prototxt, p.line), p.line))
     layers, lines = layers_from_prototxt(net)
     names = {layer.name for layer in layers}
     for layer in layers:

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,10 +28,15 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "JsonProblem",
     "check_output",
+    "check_strings",
+    "json_decoder",
+    "parse_json",
     "publish_together",
     "read_bytes",
     "read_json",
+    "read_npz",
     "read_text",
 ]
 
@@ -130,7 +136,7 @@ def _sweep_stale(directory: Path) -> None:
                     shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _make_dirs(directory: Path, stage: _Stage | None) -> None:
+def _make_dirs(directory: Path, stage: _Stage | None, path: Path) -> None:
     missing = []
     d = directory
     while not d.exists():
@@ -144,11 +150,11 @@ def _make_dirs(directory: Path, stage: _Stage | None) -> None:
         except FileExistsError:
             continue
         except OSError as e:
-            raise OutputError(d, f"cannot create the folder: {e.strerror or e}") from None
+            raise OutputError(path, f"cannot create the folder {d}: {e.strerror or e}") from None
         if stage is not None:
             stage.made_dirs.append(d)
     if not directory.is_dir():
-        raise OutputError(directory, "is not a folder")
+        raise OutputError(path, f"{directory} is not a folder")
 
 
 def check_output(path: str | os.PathLike, kind: str = "file") -> Path:
@@ -163,12 +169,12 @@ def check_output(path: str | os.PathLike, kind: str = "file") -> Path:
             the file system allows, a parent that is a file or not writable.
     """
     path = Path(path)
+    if len(os.fsencode(path.name)) + (8 if kind == "prefix" else 0) > 255:
+        raise OutputError(path, "the file name is longer than the file system allows (255 bytes)")
     if kind == "file" and path.is_dir():
         raise OutputError(path, "is a folder; give a file name")
     if kind == "folder" and path.exists() and not path.is_dir():
         raise OutputError(path, "is a file; give a folder")
-    if len(os.fsencode(path.name)) + (8 if kind == "prefix" else 0) > 255:
-        raise OutputError(path, "the file name is longer than the file system allows (255 bytes)")
     probe = path if kind == "folder" else path.parent
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
@@ -192,7 +198,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise OutputError(path, "is a folder; give a file name")
     directory = path.parent if str(path.parent) else Path(".")
     stage = _STAGE.get()
-    _make_dirs(directory, stage)
+    _make_dirs(directory, stage, path)
     _sweep_stale(directory)
     try:
         mode = os.stat(path).st_mode & 0o777  # keep the mode of the file being replaced
@@ -276,7 +282,9 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-class _JsonProblem(Exception):
+class JsonProblem(ValueError):
+    """Raised by :func:`json_decoder`'s hooks: a duplicate key, a lone surrogate, NaN."""
+
     def __init__(self, problem: str, needle: str | None = None) -> None:
         super().__init__(problem)
         self.problem = problem
@@ -290,14 +298,14 @@ def _parse_int(s: str) -> int | float:
 
 
 def _reject_constant(name: str):
-    raise _JsonProblem(f"{name} is not a JSON number", name)
+    raise JsonProblem(f"{name} is not a JSON number", name)
 
 
 def _check_string(s: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError:
-        raise _JsonProblem(f"the string {s!r} holds a lone surrogate (not valid Unicode)") from None
+        raise JsonProblem(f"the string {s!r} holds a lone surrogate (not valid Unicode)") from None
     return s
 
 
@@ -306,9 +314,21 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict:
     for k, v in pairs:
         _check_string(k)
         if k in out:
-            raise _JsonProblem(f"duplicate key {k!r}", json.dumps(k))
+            raise JsonProblem(f"duplicate key {k!r}", json.dumps(k))
         out[k] = v
     return out
+
+
+def json_decoder(*, constants: bool = False) -> json.JSONDecoder:
+    """A decoder that raises :class:`JsonProblem` on a duplicate key or a key that is not
+    valid Unicode, turns integers too long to convert exactly into floats, and rejects
+    NaN / Infinity (unless ``constants``: then they decode as floats for the caller to judge).
+    Nesting deeper than Python's recursion limit raises ``RecursionError``."""
+    kw = {} if constants else {"parse_constant": _reject_constant}
+    return json.JSONDecoder(object_pairs_hook=_pairs, parse_int=_parse_int, **kw)
+
+
+_STRICT = json_decoder()
 
 
 def _line_of(text: str, needle: str | None, nth: int = 2) -> int | None:
@@ -330,24 +350,25 @@ def parse_json(text: str, path: str | os.PathLike) -> Any:
         FileFormatError: naming ``path`` and, where known, the line.
     """
     try:
-        obj = json.loads(text, object_pairs_hook=_pairs, parse_int=_parse_int, parse_constant=_reject_constant)
+        obj = _STRICT.decode(text)
     except json.JSONDecodeError as e:
         raise FileFormatError(path, f"invalid JSON: {e.msg}", line=e.lineno) from None
     except RecursionError:
         raise FileFormatError(path, "invalid JSON: nested too deeply") from None
-    except _JsonProblem as e:
+    except JsonProblem as e:
         raise FileFormatError(path, f"invalid JSON: {e.problem}", line=_line_of(text, e.needle, 2 if e.needle and
                                                                                    e.needle.startswith('"') else 1)) from None
     except ValueError as e:  # e.g. Python's limit on int digits
         raise FileFormatError(path, f"invalid JSON: {e}") from None
     try:
-        _check_strings(obj)
-    except _JsonProblem as e:
+        check_strings(obj)
+    except JsonProblem as e:
         raise FileFormatError(path, f"invalid JSON: {e.problem}") from None
     return obj
 
 
-def _check_strings(obj: Any) -> None:
+def check_strings(obj: Any) -> None:
+    """Raise :class:`JsonProblem` if any string in a decoded JSON value is not valid Unicode."""
     stack = [obj]
     while stack:
         o = stack.pop()
@@ -367,3 +388,64 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         FileFormatError: not UTF-8, too large or invalid JSON, naming the line.
     """
     return parse_json(read_text(path, what), path)
+
+
+def read_npz(path: str | os.PathLike, what: str = ".npz archive") -> dict[str, Any]:
+    """Read every array of an ``.npz`` with bounded memory (no pickles).
+
+    The archive's members are checked before anything is inflated: the total inflated
+    size must stay under :data:`MAX_READ_BYTES`, and each ``.npy`` header must describe
+    no more data than its member holds.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: not a zip / ``.npz``, a member that is not an ``.npy`` array, a
+            decompression bomb or a header claiming more data than stored.
+    """
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    if not path.is_file():
+        raise FileFormatError(path, f"not a file (expected a {what})")
+    out: dict[str, Any] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            total = sum(i.file_size for i in infos)
+            if total > MAX_READ_BYTES:
+                raise FileFormatError(path, f"inflates to {total} bytes, over the {MAX_READ_BYTES}-byte limit "
+                                            "(set TORCH_NVDLA_MAX_READ_BYTES to raise it)")
+            for info in infos:
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with z.open(info) as f:
+                    try:
+                        version = np.lib.format.read_magic(f)
+                        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                        if read_header is None:
+                            raise ValueError(f"unsupported .npy version {version}")
+                        shape, fortran, dtype = read_header(f)
+                    except ValueError as e:
+                        raise FileFormatError(path, f"member {info.filename!r} is not an .npy array ({e})") from None
+                    if dtype.hasobject:
+                        raise FileFormatError(path, f"array {name!r} holds Python objects (not loaded)")
+                    count = 1
+                    for d in shape:
+                        count *= d
+                    if count * dtype.itemsize > info.file_size:
+                        raise FileFormatError(path, f"array {name!r}: its header claims shape {shape} of {dtype}, "
+                                                    f"more than the {info.file_size} bytes stored")
+                    data = f.read(count * dtype.itemsize)
+                    if len(data) != count * dtype.itemsize:
+                        raise FileFormatError(path, f"array {name!r} is truncated")
+                    arr = np.frombuffer(data, dtype=dtype).copy()
+                    out[name] = arr.reshape(shape, order="F" if fortran else "C")
+    except zipfile.BadZipFile as e:
+        raise FileFormatError(path, f"not a readable {what} (a zip archive): {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise FileFormatError(path, f"not a readable {what}: {e}") from None
+    return out

@@ -34,27 +34,31 @@ import numbers
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Union
 
 import numpy as np
 
 from torch_nvdla._errors import FileFormatError
-from torch_nvdla._io import atomic_write_text
+from torch_nvdla._io import atomic_write_text, read_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from numpy.typing import ArrayLike
 
 __all__ = [
+    "COMPILER_LAYER_TYPES",
     "CaffeLayer",
     "CaffeNet",
     "EnumValue",
     "Field",
     "Message",
     "PARAM_FIELD_BY_TYPE",
+    "StructureProblem",
     "V1_LAYER_TYPES",
     "format_prototxt",
+    "is_test_phase",
     "parse_prototxt",
     "parse_text_message",
+    "structure_problems",
     "write_prototxt",
 ]
 
@@ -720,11 +724,11 @@ def _load_source(source: str | bytes | os.PathLike) -> tuple[str | bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "<text>"
     if isinstance(source, os.PathLike):
-        return Path(source).read_bytes(), str(source)
+        return read_bytes(source, "prototxt"), str(source)
     if isinstance(source, str):
         if "\n" in source or "{" in source:
             return source, "<text>"
-        return Path(source).read_bytes(), source
+        return read_bytes(source, "prototxt"), source
     raise TypeError(f"expected a path or prototxt text, got {type(source).__name__}")
 
 
@@ -1244,3 +1248,66 @@ def parse_prototxt(source: str | bytes | os.PathLike) -> CaffeNet:
     """
     data, path = _load_source(source)
     return CaffeNet.from_message(parse_text_message(data, path), source=path)
+
+
+#: Layer types the NVDLA compiler's Caffe parser accepts (CaffeParser.cpp's parse table plus
+#: the Dropout / Input / Flatten layers it handles itself).
+COMPILER_LAYER_TYPES = frozenset({
+    "BatchNorm", "Concat", "Convolution", "Deconvolution", "Dropout", "Eltwise", "Flatten", "InnerProduct",
+    "Input", "LRN", "Pooling", "Power", "ReLU", "Scale", "Sigmoid", "Softmax", "SoftmaxWithLoss", "TanH",
+})
+
+
+class StructureProblem(NamedTuple):
+    """One structural problem of a net: the layer (``""`` for the net), its line, what,
+    and the layer's type."""
+
+    layer: str
+    line: int | None
+    problem: str
+    type: str = ""
+
+
+def is_test_phase(layer: CaffeLayer) -> bool:
+    """A layer whose own ``phase`` field is ``TEST``: the NVDLA compiler's parser skips it."""
+    return str(layer.params.get("phase", "")) in ("TEST", "1")
+
+
+def structure_problems(net: CaffeNet, known_types: Iterable[str] | None = None, *,
+                       include: Callable[[CaffeLayer], bool] | None = None) -> list[StructureProblem]:
+    """What makes a net unusable before any layer is built, in file order.
+
+    No layers; a layer without a name or type, or with a name used before; a bottom blob
+    that no earlier layer (or declared input) produces, which includes a layer reading
+    its own top before anything wrote it; a type outside ``known_types`` (when given).
+    Only layers ``include`` accepts are checked (default: those without ``phase: TEST``,
+    as the compiler does).
+    """
+    problems: list[StructureProblem] = []
+    include = include or (lambda layer: not is_test_phase(layer))
+    layers = [layer for layer in net.layers if include(layer)]
+    if not layers:
+        problems.append(StructureProblem("", None, "the net has no layers"))
+    known = None if known_types is None else frozenset(known_types)
+    blobs = set(net.declared_inputs)
+    names: dict[str, int | None] = {}
+    for k, layer in enumerate(layers):
+        label = layer.name or f"#{k}"
+        if not layer.name:
+            problems.append(StructureProblem(label, layer.line, "the layer has no name", layer.type))
+        elif layer.name in names:
+            where = f" (line {names[layer.name]})" if names[layer.name] else ""
+            problems.append(StructureProblem(label, layer.line, f"layer name used twice{where}", layer.type))
+        else:
+            names[layer.name] = layer.line
+        if not layer.type:
+            problems.append(StructureProblem(label, layer.line, "the layer has no type"))
+        elif known is not None and layer.type not in known:
+            problems.append(StructureProblem(label, layer.line, f"layer type {layer.type!r} is not supported "
+                                                                 f"(supported: {', '.join(sorted(known))})", layer.type))
+        for b in layer.bottoms:
+            if b not in blobs:
+                what = "its own top, which nothing wrote before" if b in layer.tops else "not produced by any earlier layer"
+                problems.append(StructureProblem(label, layer.line, f"bottom blob {b!r} is {what}", layer.type))
+        blobs.update(layer.tops)
+    return problems

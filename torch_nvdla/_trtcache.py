@@ -203,7 +203,8 @@ def read_trt_cache(path: str | os.PathLike) -> TrtCache:
     """
     path = Path(path)
     text = read_text(path, "TensorRT calibration cache")
-    lines = text.splitlines()
+    # Newlines only: str.splitlines would also split on \x0c, \u2028... and shift names and lines.
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     if not lines or not lines[0].strip():
         raise FileFormatError(path, "empty: expected a 'TRT-<version>-<calibrator>' header", line=1)
     header = lines[0].strip().lstrip("\ufeff")

@@ -96,7 +96,7 @@ def _error(message: str) -> None:
 
     from ._console import console
 
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, emoji=False, soft_wrap=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())
