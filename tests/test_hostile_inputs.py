@@ -269,3 +269,261 @@ def test_temp_files_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
     io_mod._swept.discard(tmp_path.resolve())
     io_mod.atomic_write_text(tmp_path / "calib.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["calib.json", live.name])
+
+
+# ------------------------------------------------------------------ 9: bounded, linear reads
+
+
+def test_calib_json_scan_is_linear(tmp_path):
+    """The line of each entry is counted once, front to back: 20x the entries must not
+    take anything like 400x the time (the old per-entry count from offset 0 did)."""
+    from torch_nvdla._calibjson import scan_calib_json
+
+    def timed(n: int) -> float:
+        path = tmp_path / f"c{n}.json"
+        path.write_text("{\n" + ",\n".join(f'  "l{i}": {{"scale": 0.1}}' for i in range(n)) + "\n}\n")
+        start = time.perf_counter()
+        scan = scan_calib_json(path)
+        assert len(scan.entries) == n and scan.entries[f"l{n - 1}"].line == n + 1
+        return time.perf_counter() - start
+
+    timed(500)  # warm up
+    small, big = min(timed(2000) for _ in range(3)), min(timed(40000) for _ in range(2))
+    assert big < 100 * small, (small, big)  # linear: ~20x; quadratic: ~400x
+
+
+def test_reads_are_bounded(tmp_path, monkeypatch):
+    import torch_nvdla._io as io_mod
+    from torch_nvdla._calibjson import scan_calib_json
+
+    monkeypatch.setattr(io_mod, "MAX_READ_BYTES", 1000)
+    path = tmp_path / "big.json"
+    path.write_text("{" + " " * 2000 + "}")
+    with pytest.raises(FileFormatError, match="larger than the 1000 bytes"):
+        scan_calib_json(path)
+    if Path("/dev/zero").exists():
+        with pytest.raises(FileFormatError, match="larger than"):
+            scan_calib_json("/dev/zero")
+
+
+def test_bins_are_bounded():
+    from torch_nvdla._errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="power of two from 256 to 65536"):
+        calibrate(nn.Linear(2, 2), [torch.randn(2, 2)], bins=2 ** 30, progress=False)
+
+
+def _npz(path: Path, arrays: dict) -> Path:
+    import numpy as np
+
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def test_npz_bomb_and_lying_header_are_refused(tmp_path, monkeypatch):
+    import zipfile
+
+    import numpy as np
+
+    import torch_nvdla._io as io_mod
+    from torch_nvdla._calibjson import load_weight_blobs
+
+    bomb = _npz(tmp_path / "bomb.npz", {"conv1.weight": np.zeros((1000, 1000), np.float32)})
+    monkeypatch.setattr(io_mod, "MAX_READ_BYTES", 1 << 20)
+    with pytest.raises(FileFormatError, match="inflates to 4000128 bytes"):
+        load_weight_blobs(bomb)
+    monkeypatch.undo()
+    # An .npy header claiming 10**12 elements in a few bytes.
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10 ** 6, 10 ** 6)}
+    liar = tmp_path / "liar.npz"
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(liar, "w") as z:
+        z.writestr("conv1.weight.npy", buf.getvalue() + b"\0" * 64)
+    with pytest.raises(FileFormatError, match="more than the"):
+        load_weight_blobs(liar)
+
+
+# ------------------------------------------------------------------ 10: TensorRT cache lines
+
+
+def test_trt_cache_splits_on_newlines_only(tmp_path):
+    from torch_nvdla._trtcache import read_trt_cache
+
+    path = tmp_path / "c.cache"
+    path.write_text("TRT-8601-EntropyCalibration2\r\nconv\x0cone: 3c010a14\r\nb\u2028x: 3c010a14\n", newline="")
+    cache = read_trt_cache(path)
+    assert list(cache.scales) == ["conv\x0cone", "b\u2028x"] and cache.lines["b\u2028x"] == 3
+
+
+# ------------------------------------------------------------------ 11: prototxt / caffemodel
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("", "the net has no layers"),
+    ('input: "data"\nlayer {\n type: "ReLU"\n bottom: "data"\n top: "r"\n}\n', "the layer has no name"),
+    ('input: "data"\nlayer {\n name: "a" type: "Foo" bottom: "data" top: "a"\n}\n', "layer type 'Foo' is not supported"),
+    ('input: "data"\nlayer {\n name: "b" type: "ReLU" bottom: "zz" top: "b"\n}\n', "bottom blob 'zz'"),
+    ('input: "data"\nlayer {\n name: "c" type: "ReLU" bottom: "c" top: "c"\n}\n', "its own top"),
+    ('input: "data"\nlayer {\n name: "s" type: "Split" bottom: "data" top: "s"\n}\n', "'Split' is not supported"),
+])
+def test_check_reports_structure_problems(tmp_path, capsys, text, rule):
+    from torch_nvdla._calibjson import check_calib_json
+
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text(text)
+    calib = tmp_path / "calib.json"
+    calib.write_text('{"data": {"scale": 0.1}, "a": {"scale": 0.1}, "b": {"scale": 0.1}, "c": {"scale": 0.1}}')
+    res = check_calib_json(calib, proto)
+    assert not res.ok and any(f.rule == "structure" and rule in f.message for f in res.findings)
+    rc, out = _cli(capsys, "check", calib, "--prototxt", proto)
+    assert rc == 1 and "Traceback" not in out
+
+
+def test_check_keys_inputs_by_blob_and_skips_pass_through_layers(tmp_path):
+    from torch_nvdla._calibjson import check_calib_json
+
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text('layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 4 '
+                     'dim: 4 } } }\nlayer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                     'inner_product_param { num_output: 2 } }\nlayer { name: "drop" type: "Dropout" bottom: "ip" '
+                     'top: "ip" }\nlayer { name: "flat" type: "Flatten" bottom: "ip" top: "f" }\n'
+                     'layer { name: "acc" type: "Accuracy" bottom: "f" top: "acc" phase: TEST }\n')
+    calib = tmp_path / "calib.json"
+    calib.write_text('{"data": {"scale": 0.1}, "ip": {"scale": 0.1}}')
+    res = check_calib_json(calib, proto)
+    assert res.ok and not [f for f in res.findings if f.level != "info"], res.findings
+
+
+def test_caffemodel_with_absurd_blob_shapes_is_a_named_error(tmp_path):
+    from torch_nvdla._caffemodel import _key, encode_varint, read_caffemodel
+
+    def ld(field: int, payload: bytes) -> bytes:
+        return _key(field, 2) + encode_varint(len(payload)) + payload
+
+    for dims in ([1] * 65, [2 ** 40, 2 ** 40]):
+        shape = ld(1, b"".join(encode_varint(d) for d in dims))
+        blob = ld(7, shape) + ld(5, b"\0" * 4)
+        layer = ld(1, b"conv") + ld(2, b"Convolution") + ld(7, blob)
+        path = tmp_path / "m.caffemodel"
+        path.write_bytes(ld(100, layer))
+        with pytest.raises(FileFormatError) as e:
+            read_caffemodel(path)
+        assert str(path) in str(e.value) and "byte offset" in str(e.value)
+
+
+# ------------------------------------------------------------------ 12: weights .npz
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"PK\x03\x04 this is not a zip", "not a readable"),
+    ({"conv1.weight": __import__("numpy").zeros((0, 3))}, "is empty"),
+    ({"conv1.weight": __import__("numpy").array([["a", "b"]])}, "weights must be real numbers"),
+    ({"conv1.weight": __import__("numpy").ones((2, 2), complex)}, "complex"),
+])
+def test_weights_npz_problems_are_named(tmp_path, capsys, content, problem):
+    from torch_nvdla._calibjson import load_weight_blobs
+
+    path = tmp_path / "w.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        _npz(path, content)
+    with pytest.raises(FileFormatError, match=problem):
+        load_weight_blobs(path)
+    calib = tmp_path / "calib.json"
+    calib.write_text('{"data": {"scale": 0.1}}')
+    rc, out = _cli(capsys, "check", calib, "--weights", path)
+    assert rc == 1 and problem.split()[0] in out and "Traceback" not in out
+
+
+# ------------------------------------------------------------------ 14: the model's state
+
+
+class _CountingBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(self.relu(self.conv(x)).flatten(1))
+
+
+def test_buffers_mutated_by_forward_are_restored():
+    from torch_nvdla import int8_simulation
+    from torch_nvdla._evaluate import evaluate
+    from torch_nvdla._sweep import sweep
+
+    model = _CountingBuffer()
+    x = torch.randn(8, 1, 8, 8)
+    y = torch.zeros(8, dtype=torch.int64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    table = calibrate(model, [(x, y)], progress=False)
+    with int8_simulation(model, table, example=x):
+        model(x)
+    x2 = torch.randn(8, 1, 8, 8)
+    evaluate(model, [(x, y)], [(x2, y)], methods=("minmax",), simulations=("fake",), progress=False)
+    sweep(model, [(x, y)], table, order="isolated", simulation="fake", progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert int(model.calls) == 0
+
+
+def test_sparse_leaf_output_is_skipped_with_a_reason():
+    class Sparse(nn.Module):
+        def forward(self, x):
+            return x.to_sparse()
+
+    table = calibrate(nn.Sequential(nn.Linear(4, 4), Sparse()), [torch.randn(3, 4)], progress=False)
+    assert list(table) == ["data", "0"] and "sparse" in table.meta["skipped"]["1"]
+
+
+# ------------------------------------------------------------------ 15: no silent wrong results
+
+
+def test_empty_batches_are_an_error():
+    from torch_nvdla._errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="no data"):
+        calibrate(nn.Sequential(nn.Linear(4, 4)), [torch.empty(0, 4)], progress=False)
+
+
+def test_nan_after_the_last_leaf_is_detected():
+    from torch_nvdla._errors import NonFiniteActivationError
+
+    class Log(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x).log()
+
+    with pytest.raises(NonFiniteActivationError, match="output of Log"):
+        calibrate(Log(), [torch.randn(16, 4)], progress=False)
+
+
+def test_mse_on_huge_float64_values():
+    import numpy as np
+
+    from torch_nvdla._strategies import mse_amax
+
+    x = torch.randn(4096, dtype=torch.float64) * 1e200
+    table = calibrate(nn.Sequential(nn.Identity()).double(), [x.reshape(64, 64)], "mse", progress=False)
+    assert 0 < table["0"].amax <= float(x.abs().max())
+    # Scale-equivariant: the same histogram at 1e200 x its edges picks 1e200 x the amax.
+    counts, edges = np.array([5.0, 3, 1, 1]), np.array([0.0, 1, 2, 3, 4])
+    assert mse_amax(counts, edges * 2.0 ** 600, start_bin=1) == mse_amax(counts, edges, start_bin=1) * 2.0 ** 600
+
+
+def test_bf16_evaluation_batches_hash(tmp_path):
+    from torch_nvdla._evaluate import _sample_hashes
+
+    x = torch.randn(3, 4).bfloat16()
+    h = _sample_hashes(x)
+    assert len(h) == 3 and len(set(h)) == 3 and h == _sample_hashes(x.clone())

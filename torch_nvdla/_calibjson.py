@@ -931,6 +931,8 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
         FileNotFoundError / FileFormatError: the calib.json or prototxt cannot be read
             at all (structural problems; per-entry problems are findings).
     """
+    if isinstance(weights, (str, os.PathLike)):
+        weights = load_weight_blobs(weights)  # a bad file is an error even without a prototxt
     scan = scan_calib_json(path)
     findings = list(scan.findings)
     up = _uppercase_finding(path, "error")

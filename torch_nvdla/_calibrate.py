@@ -37,6 +37,8 @@ from ._taps import TapHooks, TapSelection
 __all__ = ["CalibConfig", "calibrate", "eval_mode", "model_fingerprint", "ranges_from_histograms", "run_batch"]
 
 METHODS = ("entropy", "minmax", "percentile", "mse")
+#: Most bins per tap histogram (8 bytes each, per tap): beyond this memory, not resolution, rules.
+MAX_BINS = 1 << 16
 _LABEL_KEYS = frozenset({"label", "labels", "target", "targets", "y"})
 
 
@@ -80,8 +82,9 @@ class CalibConfig:
         for name in (self.method, self.input_method or self.method):
             if name not in METHODS:
                 raise CalibrationError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.bins, int) or self.bins < 256 or self.bins & (self.bins - 1):
-            raise CalibrationError(f"bins must be a power of two >= 256, got {self.bins!r}")
+        if (isinstance(self.bins, bool) or not isinstance(self.bins, int) or not 256 <= self.bins <= MAX_BINS
+                or self.bins & (self.bins - 1)):
+            raise CalibrationError(f"bins must be a power of two from 256 to {MAX_BINS}, got {self.bins!r}")
         if not (0.0 < float(self.percentile) <= 100.0):
             raise CalibrationError(f"percentile must be in (0, 100], got {self.percentile!r}")
         if self.num_batches is not None and (not isinstance(self.num_batches, int) or self.num_batches < 1):
@@ -135,14 +138,25 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Put every module in eval mode; restore each module's own flag on exit."""
+    """Put every module in eval mode; on exit restore each module's own flag and every
+    buffer (the same tensor object, its values bit for bit), so a forward that updates a
+    buffer (a counter, running statistics) leaves no trace."""
     flags = [(m, m.training) for m in model.modules()]
+    buffers = [(m, name, b, b.detach().clone()) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None]
     try:
         model.eval()
         yield model
     finally:
         for m, flag in flags:
             m.training = flag
+        with torch.no_grad():
+            for m, name, b, saved in buffers:
+                m._buffers[name] = b
+                if b.shape != saved.shape or b.dtype != saved.dtype:
+                    b.data = saved
+                else:
+                    b.copy_(saved)
 
 
 def _to(x: Any, device: torch.device | None) -> Any:
@@ -179,6 +193,21 @@ def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None, 
         f"batch {index} is a {type(batch).__name__}; expected a tensor, an (inputs, target) "
         "tuple/list or a dict; pass forward=lambda model, batch: ... for anything else"
     )
+
+
+def first_float_tensor(x: Any) -> torch.Tensor | None:
+    """The first floating dense tensor in a (nested) output, else None."""
+    stack = [x]
+    while stack:
+        v = stack.pop(0)
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and v.layout == torch.strided:
+                return v
+        elif isinstance(v, (tuple, list)):
+            stack[:0] = list(v)
+        elif isinstance(v, dict):
+            stack[:0] = list(v.values())
+    return None
 
 
 def describe_batch(batch: Any) -> str:
@@ -425,16 +454,14 @@ def calibrate(
     if hasattr(loader, "__len__"):
         total = len(loader) if total is None else min(total, len(loader))
     seen = 0
+    nonfinite_output = None  # a device flag: no host read per batch
     hooks = TapHooks(model, config.taps, config.bins)
     with torch.no_grad(), eval_mode(model), hooks:
         for i, batch in enumerate(progress_iter(batches, "calibrating", total, progress)):
             if data is not None:
                 data.update(batch)
             try:
-                if forward is not None:
-                    forward(model, batch)
-                else:
-                    run_batch(model, batch, dev, i)
+                out = forward(model, batch) if forward is not None else run_batch(model, batch, dev, i)
             except TorchNvdlaError:
                 raise
             except Exception as e:
@@ -442,6 +469,10 @@ def calibrate(
                     e.add_note(f"while running {type(model).__name__} on batch {i} ({describe_batch(batch)})")
                 raise
             seen += 1
+            out = first_float_tensor(out)
+            if out is not None and out.numel():
+                bad = ~torch.isfinite(out).all()
+                nonfinite_output = bad if nonfinite_output is None else nonfinite_output | bad.to(nonfinite_output.device)
     if seen == 0:
         raise CalibrationError("the loader yielded no batches: nothing to calibrate on")
     histograms = {name: obs.histogram for name, obs in hooks.observers.items()}
@@ -449,7 +480,13 @@ def calibrate(
     from ._distributed import reduce_histograms
 
     histograms = reduce_histograms(histograms)
+    if histograms and not any(h.numel for h in histograms.values()):
+        raise CalibrationError(f"no data: the {seen} batch(es) held no elements (empty tensors); no table was written")
     ranges = ranges_from_histograms(histograms, config.method, config.overrides(), **config.strategy_options())
+    if nonfinite_output is not None and bool(nonfinite_output):
+        raise NonFiniteActivationError(
+            f"the output of {type(model).__name__} held NaN or Inf, computed after the last observed module "
+            "(in forward itself); fix the model or the data (no table was written)")
     zero = [n for n, h in histograms.items() if h.numel and h.max_abs() == 0.0]
     if zero and progress:
         say(f"[yellow]{len(zero)} tap(s) saw only zeros, amax set to {ZERO_TAP_AMAX}: {', '.join(zero[:8])}[/]")

@@ -217,7 +217,10 @@ def _sample_hashes(inputs: Any) -> list[bytes]:
     if x is None or x.dim() == 0:
         return []
     x = x.detach().to("cpu").contiguous()
-    flat = x.reshape(x.shape[0], -1)
+    if x.layout != torch.strided:
+        x = x.to_dense()
+    # Bytes of any dtype (bfloat16 has no numpy twin): view the rows as uint8.
+    flat = x.reshape(x.shape[0], -1).view(torch.uint8) if x.numel() else x.reshape(x.shape[0], 0).to(torch.uint8)
     return [hashlib.blake2b(row.numpy().tobytes(), digest_size=12).digest() for row in flat]
 
 

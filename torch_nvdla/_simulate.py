@@ -1243,7 +1243,8 @@ class Simulation:
         """Discover the graph (one forward on this batch), plan, install the simulation."""
         self._busy = True
         try:
-            raw = _Discovery(self.model).run(args, kwargs)
+            with eval_mode(self.model):  # the discovery pass leaves no trace in the buffers
+                raw = _Discovery(self.model).run(args, kwargs)
         finally:
             self._busy = False
         plan = _build_plan(raw, self.table, self.model, self.config)

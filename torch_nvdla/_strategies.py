@@ -616,6 +616,13 @@ def mse_amax(
         if amaxes.numel() == 0:
             raise CalibrationError("candidates is empty")
     qmax = 2 ** (int(num_bits) - 1) - 1
+    # Squared errors of values near 1e200 overflow float64: work in units of a power of
+    # two near the histogram's range (exact scaling), and scale the answer back.
+    top = e[-1]
+    unit = torch.where(top > 0, torch.exp2(torch.ceil(torch.log2(torch.where(top > 0, top, torch.ones_like(top))))),
+                       torch.ones_like(top))
+    e = e / unit
+    amaxes = amaxes / unit
     centres = 0.5 * (e[:-1] + e[1:])
     valid = torch.isfinite(amaxes) & (amaxes > 0)
     scales = torch.where(valid, amaxes, torch.ones_like(amaxes)) / qmax
@@ -626,7 +633,7 @@ def mse_amax(
     err = torch.where(valid, err, torch.full_like(err, math.inf))
     best = _last_argmin(err)
     chosen = _at(amaxes, best)
-    amax = torch.where(valid.any(), chosen, torch.full_like(chosen, math.nan))
+    amax = torch.where(valid.any(), chosen * unit, torch.full_like(chosen, math.nan))
     return _scalar(torch.where(c.sum() > 0, amax, torch.zeros_like(amax)))
 
 

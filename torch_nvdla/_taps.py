@@ -198,7 +198,13 @@ def first_tensor(args) -> torch.Tensor | None:
 
 
 def _observable(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_floating_point()
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.layout == torch.strided
+
+
+def _why_not(x) -> str:
+    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        return f"a {str(x.layout).replace('torch.', '')} tensor (only dense tensors are observed)"
+    return f"{type(x).__name__}, not a floating tensor"
 
 
 @dataclass
@@ -364,7 +370,7 @@ class TapHooks:
                 else:
                     self._observe(name, info, x)
             else:
-                self.skipped[name] = "input is not a floating tensor"
+                self.skipped[name] = f"input is {_why_not(x)}"
         # A ReLU / value-preserving module fed the tensor just observed: remember it.
         self._source[id(module)] = self._reusable(first_tensor(args))
 
@@ -374,7 +380,7 @@ class TapHooks:
         if self.selection.wants_output(path, module):
             info = TapInfo(tap, path, call, "output", mtype, 0)
             if not _observable(output):
-                self.skipped[tap] = f"output is {type(output).__name__}, not a floating tensor"
+                self.skipped[tap] = f"output is {_why_not(output)}"
             elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)) and (
                 # relu() of the producer's histogram is exact only when its positive
                 # side sets the range; otherwise observe the output itself.
