@@ -5,7 +5,7 @@ The network (the one TensorRT's sampleINT8 calibrates)::
     data (N,1,28,28) -> conv1 (20, k5) -> pool1 (max 2/2) -> conv2 (50, k5)
     -> pool2 (max 2/2) -> ip1 (500) -> relu1 -> ip2 (10) -> prob (softmax)
 
-Input is ``pixel / 256`` (see :func:`torch_nvdla._data.preprocess_mnist_caffe`).
+Input is ``pixel / 256`` (see :func:`torch_nvdla.zoo.data.preprocess_mnist_caffe`).
 Caffe's InnerProduct flattens its NCHW bottom blob in C order, which is exactly
 ``torch.flatten(x, 1)``, so the Caffe ``ip1`` weights load unchanged.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch_nvdla._errors import FileFormatError
+from torch_nvdla.errors import FileFormatError
 
 __all__ = ["CAFFE_LENET_SHAPES", "CaffeLeNet", "load_caffe_lenet"]
 
@@ -69,7 +69,7 @@ def load_caffe_lenet(npz_path: str | os.PathLike | None = None) -> CaffeLeNet:
     Args:
         npz_path: ``lenet_iter_10000.npz`` (keys ``conv1.weight`` ... ``ip2.bias``);
             ``None`` looks for ``caffe-lenet-mnist/lenet_iter_10000.npz`` in the
-            shared data folder (:func:`torch_nvdla._paths.data_root`).
+            shared data folder (:func:`torch_nvdla.utils.paths.data_root`).
 
     Returns:
         The model in eval mode.
@@ -79,7 +79,7 @@ def load_caffe_lenet(npz_path: str | os.PathLike | None = None) -> CaffeLeNet:
         FileFormatError: a blob is missing, extra, or has the wrong shape.
     """
     if npz_path is None:
-        from torch_nvdla._data import resolve_data_dir
+        from torch_nvdla.zoo.data import resolve_data_dir
 
         npz_path = resolve_data_dir(None, "caffe-lenet-mnist", "lenet_iter_10000.npz")
         npz_path = npz_path / "lenet_iter_10000.npz"

@@ -2,7 +2,7 @@
 
 ``conv1 (1->8, 3x3, pad 1) -> relu1 -> pool1 (max 2) -> conv2 (8->16, 3x3, pad 1)
 -> relu2 -> pool2 (max 2) -> flatten -> fc1 (64->32) -> relu3 -> fc2 (32->10)``.
-Input is ``value / 16`` (see :func:`torch_nvdla._data.preprocess_digits`), N x 1 x 8 x 8;
+Input is ``value / 16`` (see :func:`torch_nvdla.zoo.data.preprocess_digits`), N x 1 x 8 x 8;
 output is logits. ``digits_lenet.pt`` beside this file is a plain state dict
 trained by ``scripts/train_digits.py`` on the train part of the fixed digits split.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torch_nvdla._errors import FileFormatError
+from torch_nvdla.errors import FileFormatError
 
 __all__ = ["DIGITS_LENET_WEIGHTS", "DigitsLeNet", "load_digits_lenet"]
 

@@ -11,7 +11,7 @@ halves the resolution and widens the channels, a parameter-free :class:`PadShort
 Parameter names match the public checkpoints ``resnet{20,32,44,56}-*.th``
 (``{'best_prec1', 'state_dict'}`` with ``module.``-prefixed keys). Input is
 ``RGB / 255`` normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224,
-0.225) (see :func:`torch_nvdla._data.preprocess_cifar10`).
+0.225) (see :func:`torch_nvdla.zoo.data.preprocess_cifar10`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_nvdla._errors import CalibrationError, FileFormatError
+from torch_nvdla.errors import CalibrationError, FileFormatError
 
 __all__ = [
     "RESNET_CIFAR_DEPTHS",
@@ -165,14 +165,14 @@ def resnet_cifar_checkpoint(depth: int, root: str | os.PathLike | None = None) -
     Args:
         depth: one of :data:`RESNET_CIFAR_DEPTHS`.
         root: the shared data folder, the ``resnet-cifar10/`` folder, or ``None``
-            for :func:`torch_nvdla._paths.data_root`.
+            for :func:`torch_nvdla.utils.paths.data_root`.
 
     Raises:
         CalibrationError: no checkpoint for that depth.
         FileNotFoundError: the data folder is absent (the message names
             ``$TORCH_NVDLA_DATA``).
     """
-    from torch_nvdla._paths import DATA_ENV, data_root
+    from torch_nvdla.utils.paths import DATA_ENV, data_root
 
     base = Path(root) if root is not None else data_root()
     if base is None:

@@ -86,12 +86,12 @@ def _top1(model, batches) -> float:
 def bench_model(name: str, eval_images: int | None, batch_size: int, weights: str) -> dict:
     import torch
 
-    from torch_nvdla._calibrate import calibrate
-    from torch_nvdla._data import batches
-    from torch_nvdla._evaluate import spread_subset
-    from torch_nvdla._simulate import int8_simulation
-    from torch_nvdla._taps import TapSelection
-    from torch_nvdla._zoo import default_dataset_for, get_dataset, get_model
+    from torch_nvdla.calib.calibrate import calibrate
+    from torch_nvdla.zoo.data import batches
+    from torch_nvdla.sim.evaluate import spread_subset
+    from torch_nvdla.sim.simulate import int8_simulation
+    from torch_nvdla.calib.taps import TapSelection
+    from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model
 
     model = get_model(name)
     data = get_dataset(default_dataset_for(name))
@@ -133,7 +133,7 @@ def bench_model(name: str, eval_images: int | None, batch_size: int, weights: st
 def print_results(results: list[dict]) -> None:
     from rich.table import Table
 
-    from torch_nvdla._report import stdout
+    from torch_nvdla.utils.report import stdout
 
     t = Table(title="INT8 top-1 % next to nvidia-modelopt (same images)",
               caption="A: torch_nvdla, modelopt's placement (conv/linear inputs + weights); "
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from torch_nvdla._paths import data_root
+    from torch_nvdla.utils.paths import data_root
 
     if data_root() is None:
         print("skipped: the shared data folder was not found (set TORCH_NVDLA_DATA)")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [bench_model(m, args.eval_images, args.batch_size, args.weights) for m in args.models]
     print_results(results)
     if args.json:
-        from torch_nvdla._io import atomic_write_json
+        from torch_nvdla.utils.io import atomic_write_json
 
         atomic_write_json(args.json, results)
     return 0

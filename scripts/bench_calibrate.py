@@ -15,7 +15,7 @@ For each model, in one run and on the same images:
   at ``--memory-batch`` (64), where a calibration that kept activations past their layer
   would show at once (the issue's torchvision ResNet-50 at batch 64).
 
-Models: ``cifar-resnet20`` on real CIFAR-10 images when :mod:`torch_nvdla._zoo` and the
+Models: ``cifar-resnet20`` on real CIFAR-10 images when :mod:`torch_nvdla.zoo.registry` and the
 shared data are available, and torchvision's ResNet-18 / ResNet-50 (random weights) on
 random 224x224 images.
 
@@ -123,7 +123,7 @@ def _random_images(n: int, batch_size: int, size: int, seed: int = 0) -> list[to
 def _cifar_batches(n: int, batch_size: int) -> tuple[nn.Module, list[torch.Tensor], str] | None:
     """ResNet-20 and real CIFAR-10 calibration images, or None when unavailable."""
     try:
-        from torch_nvdla._zoo import get_dataset, get_model
+        from torch_nvdla.zoo.registry import get_dataset, get_model
 
         model = get_model("cifar-resnet20")
         loader = get_dataset("cifar10").loader("calibration", batch_size, limit=n)

@@ -2,7 +2,7 @@
 
 Each histogram is built the way modelopt's ``HistogramCalibrator`` collects one (``|x|``,
 ``torch.histc`` over ``[0, max]``, 2048 bins, ``linspace`` edges). On each, the script
-times ``torch_nvdla._strategies.entropy_amax`` (first call, which builds cached index
+times ``torch_nvdla.calib.strategies.entropy_amax`` (first call, which builds cached index
 tensors, and the median of warm calls) and
 ``modelopt.torch.quantization.calib.histogram._compute_amax_entropy`` (median of its
 calls), and reports both amax values and how many bins apart they are.
@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch_nvdla import _strategies  # noqa: E402
-from torch_nvdla._strategies import entropy_amax  # noqa: E402
+from torch_nvdla.calib import strategies as _strategies  # noqa: E402
+from torch_nvdla.calib.strategies import entropy_amax  # noqa: E402
 
 __all__ = ["Row", "main"]
 
@@ -88,7 +88,7 @@ def synthetic_cases(samples: int, seed: int) -> dict[str, torch.Tensor]:
 def lenet_cases(images: int) -> tuple[dict[str, torch.Tensor], str | None]:
     """Caffe LeNet activations on the first ``images`` MNIST test images (or why none)."""
     try:
-        from torch_nvdla._data import load_mnist_test, preprocess_mnist_caffe
+        from torch_nvdla.zoo.data import load_mnist_test, preprocess_mnist_caffe
         from torch_nvdla.models.caffe_lenet import load_caffe_lenet
 
         model = load_caffe_lenet()

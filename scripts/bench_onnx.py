@@ -2,8 +2,8 @@
 """onnxruntime (Q/DQ ONNX) vs torch_nvdla's fake-quant simulation: top-1 and per-tensor agreement.
 
 For each model (Caffe LeNet on MNIST, ResNet-20 on CIFAR-10 by default): calibrate on the
-calibration split, export the Q/DQ ONNX model (:func:`torch_nvdla._onnx.export_onnx`) for
-each placement, and run :func:`torch_nvdla._onnx.compare_with_onnxruntime` on the
+calibration split, export the Q/DQ ONNX model (:func:`torch_nvdla.export.onnx.export_onnx`) for
+each placement, and run :func:`torch_nvdla.export.onnx.compare_with_onnxruntime` on the
 evaluation split -- with onnxruntime's own QuantizeLinear (round half to even) and with
 NVDLA's round-half-away emulated, which isolates what the rounding mode alone changes.
 Needs the shared data folder (``$TORCH_NVDLA_DATA`` or ``../shared/data``).
@@ -32,10 +32,10 @@ import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from torch_nvdla import calibrate  # noqa: E402
-from torch_nvdla._io import atomic_write_json  # noqa: E402
-from torch_nvdla._onnx import compare_with_onnxruntime, export_onnx  # noqa: E402
-from torch_nvdla._report import stdout  # noqa: E402
-from torch_nvdla._zoo import default_dataset_for, get_dataset, get_model  # noqa: E402
+from torch_nvdla.utils.io import atomic_write_json  # noqa: E402
+from torch_nvdla.export.onnx import compare_with_onnxruntime, export_onnx  # noqa: E402
+from torch_nvdla.utils.report import stdout  # noqa: E402
+from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model  # noqa: E402
 
 DEFAULT_MODELS = ("caffe-lenet", "cifar-resnet20")
 

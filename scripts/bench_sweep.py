@@ -2,7 +2,7 @@
 """Benchmark: a full isolated INT8 sweep of the CIFAR-10 ResNet-20 on 1000 images.
 
 Target (issue #4): at most 5 minutes on a 2-core CPU. Calibrates once (entropy, 500
-calibration images), then times :func:`torch_nvdla._sweep.sweep` alone on 1000
+calibration images), then times :func:`torch_nvdla.sim.sweep.sweep` alone on 1000
 evaluation images evenly spaced over the evaluation split (NVDLA integer simulation,
 per-filter weights), and compares the time with plain FP32 passes over the same images.
 
@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from torch_nvdla._calibrate import calibrate
-    from torch_nvdla._data import batches
-    from torch_nvdla._evaluate import spread_subset
-    from torch_nvdla._paths import data_root
-    from torch_nvdla._sweep import sweep
-    from torch_nvdla._zoo import default_dataset_for, get_dataset, get_model
+    from torch_nvdla.calib.calibrate import calibrate
+    from torch_nvdla.zoo.data import batches
+    from torch_nvdla.sim.evaluate import spread_subset
+    from torch_nvdla.utils.paths import data_root
+    from torch_nvdla.sim.sweep import sweep
+    from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model
 
     if data_root() is None:
         print("skipped: the shared data folder was not found (set TORCH_NVDLA_DATA)")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         report.save(args.output)
     if args.json:
-        from torch_nvdla._io import atomic_write_json
+        from torch_nvdla.utils.io import atomic_write_json
 
         atomic_write_json(args.json, {"model": args.model, "order": args.order, "images": report.images,
                                       "threads": args.threads, "sweep_seconds": t_sweep,

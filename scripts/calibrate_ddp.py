@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from torch_nvdla import calibrate
-from torch_nvdla._data import batches
-from torch_nvdla._zoo import default_dataset_for, get_dataset, get_model
+from torch_nvdla.zoo.data import batches
+from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,23 +10,13 @@ layers and (with ``--budget``) a verified FP16-fallback list.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch_nvdla import _cmd_sweep
-    from torch_nvdla._console import console
-    from torch_nvdla._errors import TorchNvdlaError
+    from torch_nvdla.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="sweep.py", description=_cmd_sweep.HELP)
-    _cmd_sweep.configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _cmd_sweep.run(args)
-    except (TorchNvdlaError, FileNotFoundError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        return 1
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 Deterministic: a fixed seed, the CPU, one thread and deterministic algorithms, so
 the same library versions reproduce the same weights. Uses only the train part of
-:func:`torch_nvdla._data.digits_split_indices` (1200 images); the calibration and
+:func:`torch_nvdla.zoo.data.digits_split_indices` (1200 images); the calibration and
 evaluation parts stay unseen. Takes a few seconds.
 
 Usage::
@@ -31,14 +31,14 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from torch_nvdla._data import (  # noqa: E402
+from torch_nvdla.zoo.data import (  # noqa: E402
     DIGITS_SPLIT_SEED,
     batches,
     digits_split_indices,
     load_digits,
     preprocess_digits,
 )
-from torch_nvdla._io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from torch_nvdla.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from torch_nvdla.models.digits_lenet import DIGITS_LENET_WEIGHTS, DigitsLeNet  # noqa: E402
 
 __all__ = ["main", "train"]
@@ -133,7 +133,7 @@ def train(
         model.eval()
         record = {
             "model": "DigitsLeNet",
-            "data": "sklearn.datasets.load_digits, torch_nvdla._data.digits_split_indices",
+            "data": "sklearn.datasets.load_digits, torch_nvdla.zoo.data.digits_split_indices",
             "split_seed": DIGITS_SPLIT_SEED,
             "train_images": len(split.train),
             "epochs": epochs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_nvdla._paths import data_root
+from torch_nvdla.utils.paths import data_root
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import torch_nvdla._io as io_mod
-from torch_nvdla._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+import torch_nvdla.utils.io as io_mod
+from torch_nvdla.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-PACKAGE_DIR = Path(io_mod.__file__).parent
+PACKAGE_DIR = Path(io_mod.__file__).parents[1]
 OLD = {"format": "old", "values": [1, 2, 3]}
 
 
@@ -30,7 +30,7 @@ def _others(directory: Path, target: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p != target)
 
 
-# A writer that imports torch_nvdla._io under a stub package (so the package's __init__, and
+# A writer that imports torch_nvdla.utils.io under a stub package (so the package's __init__, and
 # torch, are not imported: it starts in a fraction of a second) and rewrites the target with
 # a large, self-checking payload until it is killed.
 WRITER = textwrap.dedent(
@@ -41,7 +41,7 @@ WRITER = textwrap.dedent(
     package.__spec__ = importlib.machinery.ModuleSpec("torch_nvdla", None, is_package=True)
     package.__spec__.submodule_search_locations = [sys.argv[1]]
     sys.modules["torch_nvdla"] = package
-    import torch_nvdla._io as mod
+    import torch_nvdla.utils.io as mod
     size = int(sys.argv[3])
     i = 0
     while True:

@@ -12,12 +12,12 @@ import torchvision
 from torch import nn
 
 from torch_nvdla import calibrate
-from torch_nvdla._caffe_export import CaffeExportError, convert_to_caffe, export_caffe
-from torch_nvdla._caffe_import import CaffeImportError, caffe_pool_output_size, import_caffe
-from torch_nvdla._caffemodel import read_caffemodel
-from torch_nvdla._calibjson import check_calib_json, read_calib_json
-from torch_nvdla._naming import NvdlaNames
-from torch_nvdla._prototxt import parse_prototxt
+from torch_nvdla.export.caffe import CaffeExportError, convert_to_caffe, export_caffe
+from torch_nvdla.caffe.importer import CaffeImportError, caffe_pool_output_size, import_caffe
+from torch_nvdla.caffe.caffemodel import read_caffemodel
+from torch_nvdla.nvdla.calibjson import check_calib_json, read_calib_json
+from torch_nvdla.nvdla.naming import NvdlaNames
+from torch_nvdla.caffe.prototxt import parse_prototxt
 from torch_nvdla.cli import main
 from torch_nvdla.models.caffe_lenet import load_caffe_lenet
 from torch_nvdla.models.resnet_cifar import load_resnet_cifar
@@ -55,7 +55,7 @@ def lenet_dir(request):
 
 @pytest.fixture(scope="module")
 def mnist(request):
-    from torch_nvdla._data import load_mnist_test, preprocess_mnist_caffe
+    from torch_nvdla.zoo.data import load_mnist_test, preprocess_mnist_caffe
 
     request.getfixturevalue("shared_data")
     images, labels = load_mnist_test()
@@ -122,8 +122,8 @@ def test_import_errors_name_the_layer(tmp_path):
         import_caffe(dangling)
     # a caffemodel without the layer's blobs
     model = tmp_path / "m.caffemodel"
-    from torch_nvdla._caffemodel import write_caffemodel
-    from torch_nvdla._prototxt import CaffeLayer
+    from torch_nvdla.caffe.caffemodel import write_caffemodel
+    from torch_nvdla.caffe.prototxt import CaffeLayer
 
     write_caffemodel(model, "n", [CaffeLayer("other", "ReLU", ["data"], ["x"])])
     conv = 'name: "n"\ninput: "data"\ninput_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n' \

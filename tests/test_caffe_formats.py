@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_nvdla._caffemodel import (
+from torch_nvdla.caffe.caffemodel import (
     CaffeModel,
     decode_caffemodel,
     decode_message,
@@ -22,8 +22,8 @@ from torch_nvdla._caffemodel import (
     read_caffemodel,
     write_caffemodel,
 )
-from torch_nvdla._errors import FileFormatError
-from torch_nvdla._prototxt import (
+from torch_nvdla.errors import FileFormatError
+from torch_nvdla.caffe.prototxt import (
     CaffeLayer,
     CaffeNet,
     EnumValue,

@@ -580,7 +580,7 @@ def test_with_method_repicks_without_data(images):
 def test_cli_calibrate_json(tmp_path, capsys):
     cli = pytest.importorskip("torch_nvdla.cli")
     try:
-        import torch_nvdla._zoo  # noqa: F401
+        import torch_nvdla.zoo.registry  # noqa: F401
     except ImportError as e:
         pytest.skip(f"model zoo not available: {e}")
     out = tmp_path / "table.json"
@@ -599,7 +599,7 @@ def test_cli_calibrate_json(tmp_path, capsys):
 
 
 def test_cache_is_not_reused_for_retrained_weights(tmp_path):
-    from torch_nvdla._calibrate import model_fingerprint
+    from torch_nvdla.calib.calibrate import model_fingerprint
 
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from torch_nvdla.cli import main
-from torch_nvdla._naming import calibrate_for_nvdla
-from torch_nvdla._trtcache import float32_hex
+from torch_nvdla.nvdla.naming import calibrate_for_nvdla
+from torch_nvdla.nvdla.trtcache import float32_hex
 
 LENET = ["data", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1", "ip2", "prob"]
 

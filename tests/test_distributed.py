@@ -2,7 +2,7 @@
 
 Both ranks must end with the table a single process computes over all the data: the same
 histograms bit for bit (so the same ranges, whatever the method), because ranges and counts
-are reduced exactly (:mod:`torch_nvdla._distributed`).
+are reduced exactly (:mod:`torch_nvdla.calib.distributed`).
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def test_ranks_with_different_taps_fail_together(ranks):
 
 
 def test_without_a_process_group_reduction_is_the_identity():
-    from torch_nvdla._distributed import reduce_histograms
-    from torch_nvdla._histogram import Histogram
+    from torch_nvdla.calib.distributed import reduce_histograms
+    from torch_nvdla.calib.histogram import Histogram
 
     assert not dist.is_initialized()
     hs = {"a": Histogram.of(torch.randn(10))}

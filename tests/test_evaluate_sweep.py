@@ -10,18 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from torch_nvdla._calibrate import calibrate
-from torch_nvdla._data import batches
-from torch_nvdla._errors import CalibrationError
-from torch_nvdla._evaluate import accuracy, evaluate, spread_subset, split_batch
-from torch_nvdla._simulate import int8_simulation
-from torch_nvdla._sweep import sweep
-from torch_nvdla._table import CalibrationTable, TapRange
+from torch_nvdla.calib.calibrate import calibrate
+from torch_nvdla.zoo.data import batches
+from torch_nvdla.errors import CalibrationError
+from torch_nvdla.sim.evaluate import accuracy, evaluate, spread_subset, split_batch
+from torch_nvdla.sim.simulate import int8_simulation
+from torch_nvdla.sim.sweep import sweep
+from torch_nvdla.calib.table import CalibrationTable, TapRange
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from torch_nvdla._zoo import get_dataset, get_model
+    from torch_nvdla.zoo.registry import get_dataset, get_model
 
     return get_model("digits-lenet"), get_dataset("digits")
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from torch_nvdla._caffe_import import import_caffe
-from torch_nvdla._calibjson import calib_json_object
-from torch_nvdla._requant import multiplier_shift, rescale_ratio
-from torch_nvdla._simulate import int8_simulation
-from torch_nvdla._table import CalibrationTable, TapRange
+from torch_nvdla.caffe.importer import import_caffe
+from torch_nvdla.nvdla.calibjson import calib_json_object
+from torch_nvdla.nvdla.requant import multiplier_shift, rescale_ratio
+from torch_nvdla.sim.simulate import int8_simulation
+from torch_nvdla.calib.table import CalibrationTable, TapRange
 from torch_nvdla.cli import main
 
 GOLDEN_SCALES = {

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from torch_nvdla._histogram import Histogram, HistogramObserver
+from torch_nvdla.calib.histogram import Histogram, HistogramObserver
 
 
 def _same(a: Histogram, b: Histogram) -> None:
@@ -109,7 +109,7 @@ def test_negative_values_fold_like_their_magnitudes(device):
 
 def test_accelerator_binning_path_matches_cpu_path():
     """The sync-free CUDA path (float64 ``histc`` over integer offsets), run here on the CPU."""
-    from torch_nvdla._histogram import _count_cpu, _count_device
+    from torch_nvdla.calib.histogram import _count_cpu, _count_device
 
     g = torch.Generator().manual_seed(6)
     x = torch.cat([torch.randn(3000, generator=g) * 3, torch.randint(-512, 513, (3000,), generator=g) / 64.0,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from torch_nvdla import CalibrationTable, TapRange, calibrate
-from torch_nvdla._errors import FileFormatError, OutputError
+from torch_nvdla.errors import FileFormatError, OutputError
 from torch_nvdla.cli import main
 
 pytest.importorskip("sklearn")  # the CLI tests run on the embedded digits data set
@@ -50,8 +50,8 @@ HUGER = "1" * 5001
 
 
 def _readers(tmp_path):
-    from torch_nvdla._calibjson import read_calib_json
-    from torch_nvdla._trtcache import read_name_map
+    from torch_nvdla.nvdla.calibjson import read_calib_json
+    from torch_nvdla.nvdla.trtcache import read_name_map
 
     return {"table": CalibrationTable.load, "calib.json": read_calib_json, "name map": read_name_map}
 
@@ -85,7 +85,7 @@ def test_huge_numbers_in_a_table_are_named_errors(tmp_path, digits, field):
 
 @pytest.mark.parametrize("digits", [HUGE, HUGER])
 def test_huge_scale_in_calib_json_is_a_named_error(tmp_path, digits):
-    from torch_nvdla._calibjson import read_calib_json
+    from torch_nvdla.nvdla.calibjson import read_calib_json
 
     path = tmp_path / "calib.json"
     path.write_text('{"conv1": {"scale": %s}}' % digits)
@@ -197,7 +197,7 @@ def test_export_with_a_bad_trt_prototxt_replaces_nothing(tmp_path, capsys):
 
 
 def test_sweep_failing_on_the_plot_replaces_nothing(tmp_path, capsys, monkeypatch):
-    from torch_nvdla import _sweep
+    from torch_nvdla.sim import sweep as _sweep
 
     for ext in ("csv", "json"):
         (tmp_path / f"s.{ext}").write_text("old")
@@ -214,7 +214,7 @@ def test_sweep_failing_on_the_plot_replaces_nothing(tmp_path, capsys, monkeypatc
 
 
 def test_export_caffe_failure_leaves_the_old_set(tmp_path, capsys, monkeypatch):
-    from torch_nvdla import _calibjson
+    from torch_nvdla.nvdla import calibjson as _calibjson
 
     out = tmp_path / "out"
     rc, _ = _cli(capsys, "export-caffe", "--num-images", "50", "-o", out)
@@ -232,7 +232,7 @@ def test_export_caffe_failure_leaves_the_old_set(tmp_path, capsys, monkeypatch):
 
 
 def test_publish_together_removes_the_folders_it_created(tmp_path):
-    from torch_nvdla._io import atomic_write_text, publish_together
+    from torch_nvdla.utils.io import atomic_write_text, publish_together
 
     with pytest.raises(RuntimeError):
         with publish_together():
@@ -251,7 +251,7 @@ def test_publish_together_removes_the_folders_it_created(tmp_path):
 
 
 def test_temp_files_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
-    import torch_nvdla._io as io_mod
+    import torch_nvdla.utils.io as io_mod
 
     code = textwrap.dedent("""
         import os, sys
@@ -277,7 +277,7 @@ def test_temp_files_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
 def test_calib_json_scan_is_linear(tmp_path):
     """The line of each entry is counted once, front to back: 20x the entries must not
     take anything like 400x the time (the old per-entry count from offset 0 did)."""
-    from torch_nvdla._calibjson import scan_calib_json
+    from torch_nvdla.nvdla.calibjson import scan_calib_json
 
     def timed(n: int) -> float:
         path = tmp_path / f"c{n}.json"
@@ -293,8 +293,8 @@ def test_calib_json_scan_is_linear(tmp_path):
 
 
 def test_reads_are_bounded(tmp_path, monkeypatch):
-    import torch_nvdla._io as io_mod
-    from torch_nvdla._calibjson import scan_calib_json
+    import torch_nvdla.utils.io as io_mod
+    from torch_nvdla.nvdla.calibjson import scan_calib_json
 
     monkeypatch.setattr(io_mod, "MAX_READ_BYTES", 1000)
     path = tmp_path / "big.json"
@@ -307,7 +307,7 @@ def test_reads_are_bounded(tmp_path, monkeypatch):
 
 
 def test_bins_are_bounded():
-    from torch_nvdla._errors import CalibrationError
+    from torch_nvdla.errors import CalibrationError
 
     with pytest.raises(CalibrationError, match="power of two from 256 to 65536"):
         calibrate(nn.Linear(2, 2), [torch.randn(2, 2)], bins=2 ** 30, progress=False)
@@ -325,8 +325,8 @@ def test_npz_bomb_and_lying_header_are_refused(tmp_path, monkeypatch):
 
     import numpy as np
 
-    import torch_nvdla._io as io_mod
-    from torch_nvdla._calibjson import load_weight_blobs
+    import torch_nvdla.utils.io as io_mod
+    from torch_nvdla.nvdla.calibjson import load_weight_blobs
 
     bomb = _npz(tmp_path / "bomb.npz", {"conv1.weight": np.zeros((1000, 1000), np.float32)})
     monkeypatch.setattr(io_mod, "MAX_READ_BYTES", 1 << 20)
@@ -350,7 +350,7 @@ def test_npz_bomb_and_lying_header_are_refused(tmp_path, monkeypatch):
 
 
 def test_trt_cache_splits_on_newlines_only(tmp_path):
-    from torch_nvdla._trtcache import read_trt_cache
+    from torch_nvdla.nvdla.trtcache import read_trt_cache
 
     path = tmp_path / "c.cache"
     path.write_text("TRT-8601-EntropyCalibration2\r\nconv\x0cone: 3c010a14\r\nb\u2028x: 3c010a14\n", newline="")
@@ -370,7 +370,7 @@ def test_trt_cache_splits_on_newlines_only(tmp_path):
     ('input: "data"\nlayer {\n name: "s" type: "Split" bottom: "data" top: "s"\n}\n', "'Split' is not supported"),
 ])
 def test_check_reports_structure_problems(tmp_path, capsys, text, rule):
-    from torch_nvdla._calibjson import check_calib_json
+    from torch_nvdla.nvdla.calibjson import check_calib_json
 
     proto = tmp_path / "deploy.prototxt"
     proto.write_text(text)
@@ -383,7 +383,7 @@ def test_check_reports_structure_problems(tmp_path, capsys, text, rule):
 
 
 def test_check_keys_inputs_by_blob_and_skips_pass_through_layers(tmp_path):
-    from torch_nvdla._calibjson import check_calib_json
+    from torch_nvdla.nvdla.calibjson import check_calib_json
 
     proto = tmp_path / "deploy.prototxt"
     proto.write_text('layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 4 '
@@ -398,7 +398,7 @@ def test_check_keys_inputs_by_blob_and_skips_pass_through_layers(tmp_path):
 
 
 def test_caffemodel_with_absurd_blob_shapes_is_a_named_error(tmp_path):
-    from torch_nvdla._caffemodel import _key, encode_varint, read_caffemodel
+    from torch_nvdla.caffe.caffemodel import _key, encode_varint, read_caffemodel
 
     def ld(field: int, payload: bytes) -> bytes:
         return _key(field, 2) + encode_varint(len(payload)) + payload
@@ -424,7 +424,7 @@ def test_caffemodel_with_absurd_blob_shapes_is_a_named_error(tmp_path):
     ({"conv1.weight": __import__("numpy").ones((2, 2), complex)}, "complex"),
 ])
 def test_weights_npz_problems_are_named(tmp_path, capsys, content, problem):
-    from torch_nvdla._calibjson import load_weight_blobs
+    from torch_nvdla.nvdla.calibjson import load_weight_blobs
 
     path = tmp_path / "w.npz"
     if isinstance(content, bytes):
@@ -457,8 +457,8 @@ class _CountingBuffer(nn.Module):
 
 def test_buffers_mutated_by_forward_are_restored():
     from torch_nvdla import int8_simulation
-    from torch_nvdla._evaluate import evaluate
-    from torch_nvdla._sweep import sweep
+    from torch_nvdla.sim.evaluate import evaluate
+    from torch_nvdla.sim.sweep import sweep
 
     model = _CountingBuffer()
     x = torch.randn(8, 1, 8, 8)
@@ -487,14 +487,14 @@ def test_sparse_leaf_output_is_skipped_with_a_reason():
 
 
 def test_empty_batches_are_an_error():
-    from torch_nvdla._errors import CalibrationError
+    from torch_nvdla.errors import CalibrationError
 
     with pytest.raises(CalibrationError, match="no data"):
         calibrate(nn.Sequential(nn.Linear(4, 4)), [torch.empty(0, 4)], progress=False)
 
 
 def test_nan_after_the_last_leaf_is_detected():
-    from torch_nvdla._errors import NonFiniteActivationError
+    from torch_nvdla.errors import NonFiniteActivationError
 
     class Log(nn.Module):
         def __init__(self) -> None:
@@ -511,7 +511,7 @@ def test_nan_after_the_last_leaf_is_detected():
 def test_mse_on_huge_float64_values():
     import numpy as np
 
-    from torch_nvdla._strategies import mse_amax
+    from torch_nvdla.calib.strategies import mse_amax
 
     x = torch.randn(4096, dtype=torch.float64) * 1e200
     table = calibrate(nn.Sequential(nn.Identity()).double(), [x.reshape(64, 64)], "mse", progress=False)
@@ -522,7 +522,7 @@ def test_mse_on_huge_float64_values():
 
 
 def test_bf16_evaluation_batches_hash(tmp_path):
-    from torch_nvdla._evaluate import _sample_hashes
+    from torch_nvdla.sim.evaluate import _sample_hashes
 
     x = torch.randn(3, 4).bfloat16()
     h = _sample_hashes(x)

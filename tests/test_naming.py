@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from torch_nvdla import BN_NORMALIZED, CalibrationError, TapSelection, calibrate
-from torch_nvdla._naming import (
+from torch_nvdla.nvdla.naming import (
     SOFTMAX_AMAX,
     LayerName,
     NvdlaNames,

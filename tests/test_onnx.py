@@ -13,16 +13,16 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from torch_nvdla import calibrate  # noqa: E402
-from torch_nvdla._errors import CalibrationError  # noqa: E402
-from torch_nvdla._onnx import (  # noqa: E402
+from torch_nvdla.errors import CalibrationError  # noqa: E402
+from torch_nvdla.export.onnx import (  # noqa: E402
     _ties,
     capture_taps,
     compare_with_onnxruntime,
     export_onnx,
     quantize_onnx,
 )
-from torch_nvdla._requant import fake_quant  # noqa: E402
-from torch_nvdla._weights import fold_batchnorm, quantize_weight  # noqa: E402
+from torch_nvdla.nvdla.requant import fake_quant  # noqa: E402
+from torch_nvdla.nvdla.weights import fold_batchnorm, quantize_weight  # noqa: E402
 
 
 class _Add(nn.Module):
@@ -158,7 +158,7 @@ def test_capture_taps_naming(tiny):
 
 
 def test_trt_cache(tiny, tmp_path):
-    from torch_nvdla._trtcache import read_trt_cache
+    from torch_nvdla.nvdla.trtcache import read_trt_cache
 
     m, table, x, _ = tiny
     res = export_onnx(m, table, tmp_path / "m.onnx", example_input=x[:8], cache=tmp_path / "m.cache",
@@ -231,7 +231,7 @@ def test_comparison_does_not_depend_on_host_int8_kernels(tiny):
     where int8 kernels on x86 without VNNI saturate u8 x s8 pair sums in int16."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from torch_nvdla._onnx import _session
+    from torch_nvdla.export.onnx import _session
 
     c = 64
     inits = [numpy_helper.from_array(np.array(0.5, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
@@ -289,7 +289,7 @@ def test_options_and_errors(tiny, tmp_path):
 
 
 def _real(name, data, n_calib):
-    from torch_nvdla._zoo import get_dataset, get_model
+    from torch_nvdla.zoo.registry import get_dataset, get_model
 
     model = get_model(name)
     ds = get_dataset(data)
@@ -300,7 +300,7 @@ def _real(name, data, n_calib):
 def _balanced(ds, n, first=50, batch=250):
     """``n`` evaluation images spread over the whole (class-ordered) split; a small first
     batch for the per-tensor comparison."""
-    from torch_nvdla._data import batches
+    from torch_nvdla.zoo.data import batches
 
     x, y = ds.split("evaluation")
     idx = torch.linspace(0, len(x) - 1, n).round().long()
@@ -347,7 +347,7 @@ def test_resnet20_onnxruntime_vs_simulation(shared_data):
 
 def test_cli_export_onnx(tmp_path, capsys):
     pytest.importorskip("sklearn")  # the digits data set ships with scikit-learn
-    from torch_nvdla._trtcache import read_trt_cache
+    from torch_nvdla.nvdla.trtcache import read_trt_cache
     from torch_nvdla.cli import main
 
     table = tmp_path / "table.json"

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from torch_nvdla._histogram import Histogram, HistogramObserver
+from torch_nvdla.calib.histogram import Histogram, HistogramObserver
 
 BINS = 256  # the smallest a calibration accepts; keeps the examples quick
 SETTINGS = settings(max_examples=80, deadline=None,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_nvdla._requant import (
+from torch_nvdla.nvdla.requant import (
     INT32_MAX,
     INT32_MIN,
     avgpool_q16,
@@ -32,7 +32,7 @@ from torch_nvdla._requant import (
     saturate_int32,
     shift_right_round,
 )
-from torch_nvdla._weights import (
+from torch_nvdla.nvdla.weights import (
     QuantizedWeight,
     bias_int16_shift,
     fold_batchnorm,

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_nvdla._calibrate import calibrate
-from torch_nvdla._errors import CalibrationError
-from torch_nvdla._requant import fake_quant, quantize, requantize
-from torch_nvdla._simulate import (
+from torch_nvdla.calib.calibrate import calibrate
+from torch_nvdla.errors import CalibrationError
+from torch_nvdla.nvdla.requant import fake_quant, quantize, requantize
+from torch_nvdla.sim.simulate import (
     _fq,
     _q,
     _requant_f64,
@@ -22,8 +22,8 @@ from torch_nvdla._simulate import (
     int8_simulation,
     plan_simulation,
 )
-from torch_nvdla._table import CalibrationTable, TapRange
-from torch_nvdla._taps import BN_NORMALIZED, TapSelection, tap_name
+from torch_nvdla.calib.table import CalibrationTable, TapRange
+from torch_nvdla.calib.taps import BN_NORMALIZED, TapSelection, tap_name
 
 
 def table_of(amaxes: dict[str, float], meta: dict | None = None) -> CalibrationTable:
@@ -459,7 +459,7 @@ def test_tap_naming_matches_calibration():
 
 @pytest.mark.slow
 def test_caffe_lenet_int8_drop_on_mnist(shared_data):
-    from torch_nvdla._zoo import get_dataset, get_model
+    from torch_nvdla.zoo.registry import get_dataset, get_model
 
     model = get_model("caffe-lenet")
     data = get_dataset("mnist")
@@ -476,7 +476,7 @@ def test_caffe_lenet_int8_drop_on_mnist(shared_data):
 
 @pytest.mark.slow
 def test_cifar_resnet20_graph_and_int8_agreement(shared_data):
-    from torch_nvdla._zoo import get_dataset, get_model
+    from torch_nvdla.zoo.registry import get_dataset, get_model
 
     model = get_model("cifar-resnet20")
     data = get_dataset("cifar10")

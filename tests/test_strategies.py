@@ -1,4 +1,4 @@
-"""Tests of torch_nvdla._strategies: entropy, minmax, percentile and mse amax from a histogram.
+"""Tests of torch_nvdla.calib.strategies: entropy, minmax, percentile and mse amax from a histogram.
 
 The entropy search is checked against a slow reference written here (a Python loop over
 candidate thresholds that builds P and Q explicitly) and against modelopt's
@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from torch_nvdla import _strategies
-from torch_nvdla._strategies import (
+from torch_nvdla.calib import strategies as _strategies
+from torch_nvdla.calib.strategies import (
     STRATEGIES,
     compute_amax,
     entropy_amax,
@@ -495,7 +495,7 @@ def test_mse_matches_brute_force_on_arbitrary_histograms(hist, num_bits, start_b
 
 def test_mse_cells_equal_bins():
     """The closed form over grid cells equals the bin-by-bin sum."""
-    from torch_nvdla._strategies import _sse_by_bins, _sse_by_cells
+    from torch_nvdla.calib.strategies import _sse_by_bins, _sse_by_cells
 
     counts, edges = realistic("student2", 2048, seed=8)
     c = torch.from_numpy(counts).double()

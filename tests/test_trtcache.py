@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from torch_nvdla import CalibrationError, CalibrationTable, FileFormatError, TapRange
-from torch_nvdla._calibjson import read_calib_json
-from torch_nvdla._naming import caffe_lenet_names
-from torch_nvdla._trtcache import (
+from torch_nvdla.nvdla.calibjson import read_calib_json
+from torch_nvdla.nvdla.naming import caffe_lenet_names
+from torch_nvdla.nvdla.trtcache import (
     caffe_trt_names,
     convert_trt_cache,
     float32_hex,

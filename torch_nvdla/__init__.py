@@ -13,34 +13,34 @@ first use (so ``import torch_nvdla`` needs neither onnx nor torchvision).
 
 from importlib import import_module as _import_module
 
-from ._calibrate import CalibConfig, calibrate
-from ._errors import CalibrationError, FileFormatError, NonFiniteActivationError, TorchNvdlaError
-from ._histogram import Histogram, HistogramObserver
-from ._strategies import entropy_amax, minmax_amax, mse_amax, percentile_amax
-from ._table import CalibrationTable, TapRange
-from ._taps import BN_NORMALIZED, DerivedTap, TapInfo, TapSelection
+from .calib.calibrate import CalibConfig, calibrate
+from .errors import CalibrationError, FileFormatError, NonFiniteActivationError, TorchNvdlaError
+from .calib.histogram import Histogram, HistogramObserver
+from .calib.strategies import entropy_amax, minmax_amax, mse_amax, percentile_amax
+from .calib.table import CalibrationTable, TapRange
+from .calib.taps import BN_NORMALIZED, DerivedTap, TapInfo, TapSelection
 
 __version__ = "0.1.0"
 
 #: public name -> the private module that defines it, imported on first access.
 _LAZY = {
-    "NvdlaNames": "_naming",
-    "calibrate_for_nvdla": "_naming",
-    "check_calib_json": "_calibjson",
-    "compare_with_onnxruntime": "_onnx",
-    "convert_trt_cache": "_trtcache",
-    "evaluate": "_evaluate",
-    "export_caffe": "_caffe_export",
-    "export_calib_json": "_calibjson",
-    "export_onnx": "_onnx",
-    "export_quantized_weights": "_export_weights",
-    "import_caffe": "_caffe_import",
-    "int8_simulation": "_simulate",
-    "quantize_weight": "_weights",
-    "read_calib_json": "_calibjson",
-    "read_trt_cache": "_trtcache",
-    "sweep": "_sweep",
-    "write_trt_cache": "_trtcache",
+    "NvdlaNames": "nvdla.naming",
+    "calibrate_for_nvdla": "nvdla.naming",
+    "check_calib_json": "nvdla.calibjson",
+    "compare_with_onnxruntime": "export.onnx",
+    "convert_trt_cache": "nvdla.trtcache",
+    "evaluate": "sim.evaluate",
+    "export_caffe": "export.caffe",
+    "export_calib_json": "nvdla.calibjson",
+    "export_onnx": "export.onnx",
+    "export_quantized_weights": "nvdla.export_weights",
+    "import_caffe": "caffe.importer",
+    "int8_simulation": "sim.simulate",
+    "quantize_weight": "nvdla.weights",
+    "read_calib_json": "nvdla.calibjson",
+    "read_trt_cache": "nvdla.trtcache",
+    "sweep": "sim.sweep",
+    "write_trt_cache": "nvdla.trtcache",
 }
 
 __all__ = [

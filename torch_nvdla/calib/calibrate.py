@@ -1,0 +1,509 @@
+"""``calibrate(model, loader)``: one pass over data, one range per tap.
+
+The pass runs the model in eval mode under ``torch.no_grad()`` with forward hooks that
+stream every tap into a device-side histogram (:mod:`torch_nvdla.calib.histogram`). Afterwards
+each tap's range is picked from its histogram by a pure strategy
+(:mod:`torch_nvdla.calib.strategies`). Hooks are removed and every module's train/eval flag is
+restored in ``finally``: after ``calibrate`` -- even one that raised -- the model has no
+hooks left and an identical state_dict.
+
+Policies:
+    * NaN / Inf activations: an error naming every tap that saw one
+      (:class:`NonFiniteActivationError`); a range from poisoned data is never written.
+    * All-zero taps: ``amax = 1.0`` (see :data:`torch_nvdla.calib.table.ZERO_TAP_AMAX`), reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import itertools
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..utils.console import progress_iter, say
+from ..errors import CalibrationError, FileFormatError, NonFiniteActivationError, TorchNvdlaError
+from .histogram import Histogram
+from .table import ZERO_TAP_AMAX, CalibrationTable, TapRange
+from .taps import TapHooks, TapSelection
+
+__all__ = ["CalibConfig", "calibrate", "eval_mode", "model_fingerprint", "ranges_from_histograms", "run_batch"]
+
+METHODS = ("entropy", "minmax", "percentile", "mse")
+#: Most bins per tap histogram (8 bytes each, per tap): beyond this memory, not resolution, rules.
+MAX_BINS = 1 << 16
+_LABEL_KEYS = frozenset({"label", "labels", "target", "targets", "y"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibConfig:
+    """Options of a calibration pass.
+
+    Attributes:
+        method: ``"entropy"`` (TensorRT EntropyCalibrator2-style KL search),
+            ``"minmax"`` (max |x|), ``"percentile"`` or ``"mse"``.
+        bins: histogram bins of |x| per tap (a power of two).
+        percentile: for ``"percentile"``: the percentile of |x| kept (0 < p <= 100).
+        threshold: the NVDLA Caffe calibrator's spelling of the percentile, a fraction
+            (0.9 = ignore the histogram above the 90th percentile); implies ``"percentile"``.
+        num_batches: stop after this many batches (None: the whole loader).
+        device: move the model input there (default: the model's parameters' device).
+        taps: what is observed (see :class:`TapSelection`).
+        input_method: strategy for the model input tap ``data`` (None: ``method``).
+            Default ``"minmax"``: an input's range is fixed by its preprocessing and its
+            values are discrete (pixels), where the KL search degenerates: on 8-bit
+            images it keeps the first level above zero and clips almost everything
+            (modelopt's entropy gives the same answer on the same histogram).
+    """
+
+    method: str = "entropy"
+    bins: int = 2048
+    percentile: float = 99.99
+    threshold: float | None = None
+    num_batches: int | None = None
+    device: str | None = None
+    taps: TapSelection = field(default_factory=TapSelection)
+    input_method: str | None = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None:
+            from .strategies import threshold_to_percentile
+
+            # Rounded: threshold=0.29 is percentile 29.0, not 28.999999999999996.
+            object.__setattr__(self, "percentile", threshold_to_percentile(self.threshold))
+            object.__setattr__(self, "method", "percentile")
+        for name in (self.method, self.input_method or self.method):
+            if name not in METHODS:
+                raise CalibrationError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        if (isinstance(self.bins, bool) or not isinstance(self.bins, int) or not 256 <= self.bins <= MAX_BINS
+                or self.bins & (self.bins - 1)):
+            raise CalibrationError(f"bins must be a power of two from 256 to {MAX_BINS}, got {self.bins!r}")
+        if not (0.0 < float(self.percentile) <= 100.0):
+            raise CalibrationError(f"percentile must be in (0, 100], got {self.percentile!r}")
+        if self.num_batches is not None and (not isinstance(self.num_batches, int) or self.num_batches < 1):
+            raise CalibrationError(f"num_batches must be a positive integer, got {self.num_batches!r}")
+
+    def strategy_options(self) -> dict:
+        return {"percentile": float(self.percentile)} if self.method == "percentile" else {}
+
+    def overrides(self) -> dict[str, str]:
+        """Per-tap strategies that differ from ``method``."""
+        return {"data": self.input_method} if self.input_method else {}
+
+
+def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
+                           overrides: Mapping[str, str] | None = None, **options) -> dict[str, TapRange]:
+    """Pick each tap's range from its histogram with one strategy.
+
+    Args:
+        histograms: tap -> histogram.
+        method: the strategy.
+        overrides: tap -> strategy for taps that use another one (e.g. ``data``).
+        **options: the strategy's options (``percentile=``); ignored by the others.
+
+    Raises:
+        NonFiniteActivationError: naming every tap whose data held NaN or Inf.
+    """
+    from .strategies import compute_amax
+
+    bad = [name for name, h in histograms.items() if not bool(h.finite)]
+    if bad:
+        raise NonFiniteActivationError(
+            f"NaN or Inf activations in {len(bad)} tap(s): {', '.join(bad[:10])}"
+            + (" ..." if len(bad) > 10 else "") + "; fix the model or the data (no table was written)"
+        )
+    ranges = {}
+    overrides = dict(overrides or {})
+    for name, h in histograms.items():
+        amax = 0.0
+        tap_method = overrides.get(name, method)
+        if h.numel:
+            counts, edges = h.abs_histogram()
+            opts = options if tap_method == method else {}
+            amax = min(float(compute_amax(tap_method, counts, edges, **opts)), h.max_abs())
+        if not amax > 0.0:
+            amax = ZERO_TAP_AMAX
+        lo = float(h.min) if h.numel else 0.0
+        hi = float(h.max) if h.numel else 0.0
+        ranges[name] = TapRange(name, amax, tap_method, lo, hi)
+    return ranges
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every module in eval mode; on exit restore each module's own flag and every
+    buffer (the same tensor object, its values bit for bit), so a forward that updates a
+    buffer (a counter, running statistics) leaves no trace."""
+    flags = [(m, m.training) for m in model.modules()]
+    buffers = [(m, name, b, b.detach().clone()) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        with torch.no_grad():
+            for m, name, b, saved in buffers:
+                m._buffers[name] = b
+                if b.shape != saved.shape or b.dtype != saved.dtype:
+                    b.data = saved
+                else:
+                    b.copy_(saved)
+
+
+def _to(x: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None, index: int = 0) -> Any:
+    """Call the model on one batch, the way :func:`calibrate` does.
+
+    A tensor is the input; a tuple/list is ``(inputs, target, ...)`` and its first element
+    is the input; a dict is passed as keyword arguments without its label keys
+    (``label(s)``, ``target(s)``, ``y``).
+
+    Raises:
+        CalibrationError: for any other batch type, naming it and the batch index.
+    """
+    if isinstance(batch, torch.Tensor):
+        return model(_to(batch, device))
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise CalibrationError(f"batch {index} is an empty {type(batch).__name__}")
+        return model(_to(batch[0], device))
+    if isinstance(batch, dict):
+        return model(**_to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, device))
+    raise CalibrationError(
+        f"batch {index} is a {type(batch).__name__}; expected a tensor, an (inputs, target) "
+        "tuple/list or a dict; pass forward=lambda model, batch: ... for anything else"
+    )
+
+
+def first_float_tensor(x: Any) -> torch.Tensor | None:
+    """The first floating dense tensor in a (nested) output, else None."""
+    stack = [x]
+    while stack:
+        v = stack.pop(0)
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and v.layout == torch.strided:
+                return v
+        elif isinstance(v, (tuple, list)):
+            stack[:0] = list(v)
+        elif isinstance(v, dict):
+            stack[:0] = list(v.values())
+    return None
+
+
+def describe_batch(batch: Any) -> str:
+    """``input 8x1x28x28 float32`` or the batch's type, for messages."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(x, torch.Tensor):
+        return f"input {'x'.join(map(str, x.shape))} {str(x.dtype).replace('torch.', '')}"
+    return f"a {type(batch).__name__}"
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in itertools.chain(model.parameters(), model.buffers()):
+        return p.device
+    return None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of everything a module's activations depend on, besides the data.
+
+    Covers each module's path, type, hyper-parameters (``extra_repr``), the code of its ``forward`` (the class's, or one set on the instance),
+    and every parameter *and buffer* (name, dtype, shape, bytes): retrained or permuted
+    weights, changed BatchNorm statistics, ``.double()`` or an edited ``forward`` all
+    change it.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            h.update(f"{path}:{type(module).__module__}.{type(module).__qualname__};".encode())
+            h.update(module.extra_repr().encode())
+            forward = vars(module).get("forward", type(module).forward)
+            h.update(code_digest(forward).encode())
+            for kind, tensors in (("p", module.named_parameters(recurse=False)), ("b", module.named_buffers(recurse=False))):
+                for name, t in tensors:
+                    _hash_tensor(h, f"{kind}:{name}", t)
+    return h.hexdigest()
+
+
+def _hash_tensor(h, label: str, t: torch.Tensor) -> None:
+    h.update(f"{label}:{t.dtype}:{tuple(t.shape)};".encode())
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.detach().reshape(-1).cpu().contiguous()
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def code_digest(fn: Any) -> str:
+    """A hash of a function's code: bytecode, constants (nested code too), names and
+    closure values; the same for the same source, different after an edit."""
+    h = hashlib.blake2b(digest_size=16)
+    fn = getattr(fn, "__func__", fn)
+    if isinstance(fn, functools.partial):
+        h.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
+        fn = fn.func
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        h.update(f"{type(fn).__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
+        return h.hexdigest()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        h.update(c.co_code)
+        h.update(repr(c.co_names).encode())
+        for const in c.co_consts:
+            if hasattr(const, "co_code"):
+                stack.append(const)
+            else:
+                h.update(repr(const).encode())
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        h.update((code_digest(value) if callable(value) else repr(value)).encode())
+    return h.hexdigest()
+
+
+class _Unfingerprintable(Exception):
+    pass
+
+
+def _hash_batch(h, batch: Any) -> None:
+    """Feed one batch to ``h``: tensors by dtype, shape and bytes; containers recursively."""
+    stack = [batch]
+    while stack:
+        b = stack.pop()
+        if isinstance(b, torch.Tensor):
+            _hash_tensor(h, "t", b)
+        elif isinstance(b, (list, tuple)):
+            h.update(f"{type(b).__name__}{len(b)};".encode())
+            stack.extend(reversed(b))
+        elif isinstance(b, dict):
+            h.update(f"dict{len(b)};".encode())
+            for k in b:
+                h.update(repr(k).encode())
+                stack.append(b[k])
+        elif isinstance(b, (int, float, str, bytes, bool, type(None))):
+            h.update(repr(b).encode())
+        elif type(b).__module__ == "numpy" and hasattr(b, "tobytes"):
+            h.update(f"{getattr(b, 'dtype', '')}{getattr(b, 'shape', '')}".encode() + b.tobytes())
+        else:
+            raise _Unfingerprintable(type(b).__name__)
+
+
+class _DataDigest:
+    """A running hash of the batches a pass consumes, and how many."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+        self.batches = 0
+        self.unhashable: str | None = None
+
+    def update(self, batch: Any) -> None:
+        self.batches += 1
+        if self.unhashable is None:
+            try:
+                _hash_batch(self._h, batch)
+            except _Unfingerprintable as e:
+                self.unhashable = str(e)
+
+    def value(self) -> str | None:
+        return None if self.unhashable else f"{self._h.hexdigest()}/{self.batches}"
+
+
+def _selection_key(taps: TapSelection) -> str:
+    outputs = taps.outputs if isinstance(taps.outputs, bool) else f"predicate {code_digest(taps.outputs)}"
+    derived = [(d.name, code_digest(d.fn)) if hasattr(d, "fn") else d.name for d in taps.derived]
+    return repr((taps.model_input, outputs, taps.inputs, derived, taps.reuse))
+
+
+def _cache_key(model: nn.Module, config: CalibConfig) -> dict:
+    """What a table depends on besides the data (the data's digest is added to it)."""
+    return {
+        "fingerprint": model_fingerprint(model),
+        "method": config.method,
+        "bins": config.bins,
+        "options": config.strategy_options(),
+        "overrides": config.overrides(),
+        "taps": _selection_key(config.taps),
+    }
+
+
+def _batches(loader: Iterable, config: CalibConfig):
+    return loader if config.num_batches is None else itertools.islice(loader, config.num_batches)
+
+
+def _try_cache(path: Path, key: dict, loader: Iterable, config: CalibConfig,
+               progress: bool) -> CalibrationTable | None:
+    """The cached table when it was made from this model, these options and this data."""
+    if not path.exists():
+        say(f"[dim]calibration cache {path} not found: calibrating[/]")
+        return None
+    try:
+        table = CalibrationTable.load(path)
+    except FileFormatError as e:
+        say(f"[yellow]calibration cache unusable ({e}): recalibrating[/]")
+        return None
+    if table.saved_digest != table.digest():
+        say(f"[yellow]calibration cache {path} was modified after it was written (its digest does not match "
+            "its content): recalibrating[/]")
+        return None
+    stored = table.meta.get("cache_key")
+    stored = stored if isinstance(stored, dict) else {}
+    diff = sorted(k for k in key if stored.get(k) != key[k])
+    if not diff and iter(loader) is loader:
+        say(f"[yellow]calibration cache {path} not reused: a one-shot iterator cannot be fingerprinted without "
+            "consuming it (pass a re-iterable loader): recalibrating[/]")
+        return None
+    if not diff:
+        data = _DataDigest()
+        for batch in progress_iter(_batches(loader, config), "checking the cache's data", None, progress):
+            data.update(batch)
+        if data.unhashable:
+            say(f"[yellow]calibration cache {path} not reused: batches of type {data.unhashable} cannot be "
+                "fingerprinted: recalibrating[/]")
+            return None
+        if stored.get("data") != data.value():
+            diff = ["data (content or number of batches)"]
+    if diff:
+        say(f"[yellow]calibration cache {path} is for a different {'/'.join(diff)}: recalibrating[/]")
+        return None
+    say(f"[green]using calibration cache {path}[/] ({len(table)} taps)")
+    return table
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable,
+    method: str = "entropy",
+    *,
+    num_batches: int | None = None,
+    bins: int = 2048,
+    percentile: float = 99.99,
+    threshold: float | None = None,
+    device: str | torch.device | None = None,
+    taps: TapSelection | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    cache: str | os.PathLike | None = None,
+    input_method: str | None = "minmax",
+    progress: bool = True,
+    config: CalibConfig | None = None,
+) -> CalibrationTable:
+    """Calibrate ``model`` on ``loader``: one range (amax) per tap.
+
+    Args:
+        model: any ``nn.Module``; left exactly as it was (hooks removed, modes restored).
+        loader: an iterable of batches: tensors, ``(inputs, target)`` tuples/lists or dicts.
+        method: ``"entropy"``, ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        num_batches: stop after this many batches.
+        bins: histogram bins per tap.
+        percentile: percentile of |x| kept by ``"percentile"``.
+        threshold: NVDLA Caffe calibrator spelling: a fraction (0.9 = 90th percentile).
+        device: where to run the model input (default: where the model's parameters are).
+        taps: what to observe (default: the model input and every leaf module's output).
+        forward: ``forward(model, batch) -> output`` for batches of any other shape.
+        input_method: strategy for the model input ``data`` (see :class:`CalibConfig`).
+        cache: a table file: reused when it was made for the same model and options,
+            otherwise recalibrated and overwritten (TensorRT's readCalibrationCache).
+        progress: show a rich progress bar.
+        config: a :class:`CalibConfig` instead of the keyword options.
+
+    Returns:
+        A :class:`CalibrationTable` (``table[tap].amax``, ``table[tap].scale``).
+
+    Raises:
+        CalibrationError: empty loader, unsupported batch, bad option.
+        NonFiniteActivationError: NaN/Inf activations (names the taps).
+    """
+    if config is None:
+        config = CalibConfig(method=method, bins=bins, percentile=percentile, threshold=threshold,
+                             num_batches=num_batches, device=None if device is None else str(device),
+                             taps=taps if taps is not None else TapSelection(), input_method=input_method)
+    if not isinstance(model, nn.Module):
+        raise CalibrationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    key = _cache_key(model, config)
+    if cache is not None:
+        cached = _try_cache(Path(cache), key, loader, config, progress)
+        if cached is not None:
+            return cached
+
+    dev = torch.device(config.device) if config.device is not None else _model_device(model)
+    batches = _batches(loader, config)
+    data = _DataDigest() if cache is not None else None
+    total = config.num_batches
+    if hasattr(loader, "__len__"):
+        total = len(loader) if total is None else min(total, len(loader))
+    seen = 0
+    nonfinite_output = None  # a device flag: no host read per batch
+    hooks = TapHooks(model, config.taps, config.bins)
+    with torch.no_grad(), eval_mode(model), hooks:
+        for i, batch in enumerate(progress_iter(batches, "calibrating", total, progress)):
+            if data is not None:
+                data.update(batch)
+            try:
+                out = forward(model, batch) if forward is not None else run_batch(model, batch, dev, i)
+            except TorchNvdlaError:
+                raise
+            except Exception as e:
+                if hasattr(e, "add_note"):  # the CLI prints it; the exception keeps its type
+                    e.add_note(f"while running {type(model).__name__} on batch {i} ({describe_batch(batch)})")
+                raise
+            seen += 1
+            out = first_float_tensor(out)
+            if out is not None and out.numel():
+                bad = ~torch.isfinite(out).all()
+                nonfinite_output = bad if nonfinite_output is None else nonfinite_output | bad.to(nonfinite_output.device)
+    if seen == 0:
+        raise CalibrationError("the loader yielded no batches: nothing to calibrate on")
+    histograms = {name: obs.histogram for name, obs in hooks.observers.items()}
+
+    from .distributed import reduce_histograms
+
+    histograms = reduce_histograms(histograms)
+    if histograms and not any(h.numel for h in histograms.values()):
+        raise CalibrationError(f"no data: the {seen} batch(es) held no elements (empty tensors); no table was written")
+    ranges = ranges_from_histograms(histograms, config.method, config.overrides(), **config.strategy_options())
+    if nonfinite_output is not None and bool(nonfinite_output):
+        raise NonFiniteActivationError(
+            f"the output of {type(model).__name__} held NaN or Inf, computed after the last observed module "
+            "(in forward itself); fix the model or the data (no table was written)")
+    zero = [n for n, h in histograms.items() if h.numel and h.max_abs() == 0.0]
+    if zero and progress:
+        say(f"[yellow]{len(zero)} tap(s) saw only zeros, amax set to {ZERO_TAP_AMAX}: {', '.join(zero[:8])}[/]")
+    meta = {
+        "method": config.method,
+        "options": config.strategy_options(),
+        "overrides": config.overrides(),
+        "bins": config.bins,
+        "num_batches": seen,
+        "skipped": hooks.skipped,
+        "reused": hooks.reused,
+        "model": type(model).__name__,
+        "cache_key": key,
+    }
+    if data is not None:
+        key["data"] = data.value()
+    table = CalibrationTable(ranges, hooks.infos, {n: h.to("cpu") for n, h in histograms.items()}, meta)
+    if cache is not None:
+        table.save(cache)
+    return table

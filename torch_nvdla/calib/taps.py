@@ -1,0 +1,401 @@
+"""Taps: which tensors of a model a calibration pass observes, and the hooks that observe them.
+
+Naming scheme (one name per tensor, stable across runs):
+
+* ``data`` -- the model's input (the first floating tensor argument of ``forward``).
+* ``<module path>`` -- the output of a leaf module on its first call in a forward pass;
+  ``<module path>#k`` -- its output on call ``k`` (k = 1, 2, ...). torchvision's Bottleneck
+  calls one ``relu`` three times: ``layer1.0.relu``, ``layer1.0.relu#1``, ``layer1.0.relu#2``.
+* ``<tap>:input`` -- the (first) input of that call, observed *before* the module runs,
+  so an in-place module does not hide it (the residual sum feeding a block's last ReLU).
+* ``<tap>:<derived name>`` -- a tensor computed from a call's inputs and output by a
+  :class:`DerivedTap` (e.g. ``bn1:normalized``, BatchNorm before its affine).
+
+Hooks are registered on the model instance only, owned by :class:`TapHooks`, and removed
+by its ``close()`` (use it as a context manager, so they go in ``finally``).
+
+Cheap taps: the output of an ``nn.ReLU`` whose input is exactly the tensor another tap has
+just observed (same object, not modified since) is not histogrammed again: its histogram
+is that tap's batch histogram with the negative half moved to zero
+(:meth:`Histogram.relu`) -- when that is exact, i.e. when the batch's largest positive value
+sets the histogram's range (:meth:`Histogram.relu_is_exact`; a device read on CUDA), so a
+derived tap always equals the one computed from the data. Likewise value-preserving modules
+(Identity, Dropout in eval, Flatten) reuse their input's batch histogram.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .histogram import HistogramObserver
+
+__all__ = [
+    "BN_NORMALIZED",
+    "CallSites",
+    "DerivedTap",
+    "TapHooks",
+    "TapInfo",
+    "TapSelection",
+    "first_tensor",
+    "is_leaf",
+    "leaf_modules",
+    "tap_name",
+    "tensor_args",
+]
+
+_SAME_VALUES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DerivedTap:
+    """A tensor computed from one module call, observed as ``<tap>:<name>``.
+
+    Attributes:
+        name: suffix of the tap name.
+        applies: which modules it applies to.
+        fn: ``fn(module, inputs, output) -> Tensor``.
+    """
+
+    name: str
+    applies: Callable[[nn.Module], bool]
+    fn: Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if not self.name or ":" in self.name or "#" in self.name:
+            raise ValueError(f"derived tap name must be non-empty without ':' or '#': {self.name!r}")
+
+
+def _bn_normalized(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    x = inputs[0]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = module.running_mean.view(shape)
+    inv = torch.rsqrt(module.running_var.view(shape) + module.eps)
+    return (x - mean) * inv
+
+
+#: Caffe splits BatchNorm into ``BatchNorm`` ((x - mean) / sqrt(var + eps)) and ``Scale``
+#: (the affine); this tap observes the first one's output.
+BN_NORMALIZED = DerivedTap(
+    name="normalized",
+    applies=lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None,
+    fn=_bn_normalized,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TapSelection:
+    """What a calibration pass observes.
+
+    Attributes:
+        model_input: observe the model input as ``data``.
+        outputs: observe every leaf module's output (True), none (False), or those whose
+            module path a predicate ``(path, module) -> bool`` accepts.
+        inputs: tap names (fnmatch patterns allowed, e.g. ``"layer*.relu#2"``) whose
+            input is also observed, as ``<tap>:input``.
+        derived: extra derived tensors, e.g. :data:`BN_NORMALIZED`.
+        reuse: derive ReLU / value-preserving taps from their producer's histogram.
+    """
+
+    model_input: bool = True
+    outputs: bool | Callable[[str, nn.Module], bool] = True
+    inputs: tuple[str, ...] = ()
+    derived: tuple[DerivedTap, ...] = ()
+    reuse: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str):
+            raise TypeError("TapSelection.inputs is a tuple of tap names, not one string")
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "derived", tuple(self.derived))
+
+    def merged(self, other: "TapSelection") -> "TapSelection":
+        """The union of two selections (a naming preset adds what it needs)."""
+        if callable(self.outputs) or callable(other.outputs):
+            outputs = self.outputs if callable(self.outputs) else other.outputs
+            if self.outputs is True or other.outputs is True:
+                outputs = True
+        else:
+            outputs = self.outputs or other.outputs
+        return TapSelection(
+            model_input=self.model_input or other.model_input,
+            outputs=outputs,
+            inputs=tuple(dict.fromkeys(self.inputs + other.inputs)),
+            derived=tuple(dict.fromkeys(self.derived + other.derived)),
+            reuse=self.reuse and other.reuse,
+        )
+
+    def wants_output(self, path: str, module: nn.Module) -> bool:
+        if callable(self.outputs):
+            return bool(self.outputs(path, module))
+        return bool(self.outputs)
+
+    def wants_input(self, tap: str) -> bool:
+        return any(fnmatch.fnmatchcase(tap, pattern) for pattern in self.inputs)
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """Where a tap's tensor comes from.
+
+    Attributes:
+        name: the tap name (see the module docstring for the scheme).
+        module: the module path ('' for the model input).
+        call: which call of the module in one forward pass (0-based).
+        kind: ``"input"`` for the model input, ``"output"``, ``"module-input"`` or
+            ``"derived"``.
+        module_type: the module's class name.
+        order: position in network order (first observation in the first forward).
+        derived: name of the :class:`DerivedTap` for derived taps, else ``""``.
+    """
+
+    name: str
+    module: str
+    call: int
+    kind: str
+    module_type: str
+    order: int
+    derived: str = ""
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """A module without children: its calls are the taps."""
+    return next(module.children(), None) is None
+
+
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every leaf, in registration order (the model itself if it is one)."""
+    if is_leaf(model):
+        return [("", model)]
+    return [(p, m) for p, m in model.named_modules() if p and is_leaf(m)]
+
+
+def tap_name(path: str, call: int) -> str:
+    """The tap of call ``call`` (0-based) of the module at ``path``: ``path`` or ``path#call``."""
+    return path if call == 0 else f"{path}#{call}"
+
+
+def tensor_args(args) -> list[torch.Tensor]:
+    """The tensors among call arguments (looking one level into tuples/lists)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (tuple, list)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+def first_tensor(args) -> torch.Tensor | None:
+    """The first tensor among call arguments, or None."""
+    tensors = tensor_args(args)
+    return tensors[0] if tensors else None
+
+
+def _observable(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.layout == torch.strided
+
+
+def _why_not(x) -> str:
+    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        return f"a {str(x.layout).replace('torch.', '')} tensor (only dense tensors are observed)"
+    return f"{type(x).__name__}, not a floating tensor"
+
+
+@dataclass
+class _Producer:
+    """The latest observed tensor: who saw it and at which version."""
+
+    ref: weakref.ref
+    version: int
+    name: str
+
+
+class CallSites:
+    """Hooks that name every leaf-module call of a forward pass with its tap name.
+
+    The one implementation of the naming scheme: calibration (:class:`TapHooks`), the
+    NVDLA name tracer, the simulation and the ONNX tap capture build on it.
+
+    Callbacks (all optional):
+        ``on_input(module, args, kwargs)``: the model is called (a new forward pass).
+        ``on_call(tap, path, call, module, args)``: a leaf call starts (before it runs).
+        ``on_output(tap, path, call, module, args, output)``: a leaf call returned.
+
+    Use as a context manager: hooks are registered on entry (after any already on the
+    model) and removed on exit, whatever happened.
+    """
+
+    def __init__(self, model: nn.Module, *, on_input=None, on_call=None, on_output=None) -> None:
+        self.model = model
+        self._on_input, self._on_call, self._on_output = on_input, on_call, on_output
+        self._handles: list = []
+        self._calls: dict[str, int] = {}
+        self._running: dict[int, list[tuple[str, int]]] = {}  # id(module) -> (tap, call) stack
+
+    def __enter__(self) -> "CallSites":
+        try:
+            add = self._handles.append
+            # with_kwargs: a dict batch calls the model with keyword arguments only.
+            add(self.model.register_forward_pre_hook(self._start_pass, with_kwargs=True))
+            for path, module in leaf_modules(self.model):
+                add(module.register_forward_pre_hook(self._make_start_call(path)))
+                add(module.register_forward_hook(self._make_end_call(path)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook this object registered."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._calls.clear()
+        self._running.clear()
+
+    def _start_pass(self, module, args, kwargs):
+        self._calls.clear()
+        self._running.clear()
+        if self._on_input is not None:
+            self._on_input(module, args, kwargs)
+
+    def _make_start_call(self, path: str):
+        def start_call(module, args):
+            call = self._calls.get(path, 0)
+            self._calls[path] = call + 1
+            tap = tap_name(path, call)
+            self._running.setdefault(id(module), []).append((tap, call))
+            if self._on_call is not None:
+                self._on_call(tap, path, call, module, args)
+
+        return start_call
+
+    def _make_end_call(self, path: str):
+        def end_call(module, args, output):
+            stack = self._running.get(id(module))
+            tap, call = stack.pop() if stack else (path, 0)
+            if self._on_output is not None:
+                self._on_output(tap, path, call, module, args, output)
+
+        return end_call
+
+
+class TapHooks:
+    """Forward hooks that stream a model's taps into :class:`HistogramObserver` s.
+
+    Use as a context manager; every hook is removed on exit, whatever happened.
+
+    Args:
+        model: the model (its instance is hooked; nothing global changes).
+        selection: what to observe.
+        bins: histogram bins per tap.
+        device: where histograms live (default: each activation's own device).
+    """
+
+    def __init__(self, model: nn.Module, selection: TapSelection, bins: int = 2048,
+                 device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.selection = selection
+        self.bins = bins
+        self.device = device
+        self.observers: dict[str, HistogramObserver] = {}
+        self.infos: dict[str, TapInfo] = {}
+        self.skipped: dict[str, str] = {}  # tap -> why it was not observed
+        self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
+        self._sites = CallSites(model, on_input=self._on_input, on_call=self._on_call, on_output=self._on_output)
+        self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
+        self._producer: _Producer | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+    def __enter__(self) -> "TapHooks":
+        self._sites.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook this object registered."""
+        self._sites.close()
+        self._producer = None
+        self._source.clear()
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _observer(self, name: str, info: TapInfo) -> HistogramObserver:
+        obs = self.observers.get(name)
+        if obs is None:
+            obs = HistogramObserver(self.bins, self.device)
+            self.observers[name] = obs
+            self.infos[name] = TapInfo(**{**info.__dict__, "order": len(self.infos)})
+        return obs
+
+    def _observe(self, name: str, info: TapInfo, x: torch.Tensor) -> None:
+        self._observer(name, info).update(x)
+        self._producer = _Producer(weakref.ref(x), x._version, name)
+
+    def _reusable(self, x) -> str | None:
+        """The tap that has just observed exactly ``x`` (same object, unmodified), if any."""
+        p = self._producer
+        if not self.selection.reuse or p is None or p.ref() is not x or x._version != p.version:
+            return None
+        return p.name if self.observers[p.name].last is not None else None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _on_input(self, module, args, kwargs):
+        self._source.clear()
+        self._producer = None
+        if self.selection.model_input:
+            x = first_tensor(tuple(args) + tuple(kwargs.values()))
+            if _observable(x):
+                self._observe("data", TapInfo("data", "", 0, "input", type(module).__name__, 0), x)
+
+    def _on_call(self, tap, path, call, module, args):
+        if self.selection.inputs and self.selection.wants_input(tap):
+            x = first_tensor(args)
+            name = f"{tap}:input"
+            if _observable(x):
+                info = TapInfo(name, path, call, "module-input", type(module).__name__, 0)
+                src = self._reusable(x)
+                if src is not None:
+                    self._observer(name, info).update_histogram(self.observers[src].last)
+                    self.reused[name] = src
+                else:
+                    self._observe(name, info, x)
+            else:
+                self.skipped[name] = f"input is {_why_not(x)}"
+        # A ReLU / value-preserving module fed the tensor just observed: remember it.
+        self._source[id(module)] = self._reusable(first_tensor(args))
+
+    def _on_output(self, tap, path, call, module, args, output):
+        src = self._source.pop(id(module), None)
+        mtype = type(module).__name__
+        if self.selection.wants_output(path, module):
+            info = TapInfo(tap, path, call, "output", mtype, 0)
+            if not _observable(output):
+                self.skipped[tap] = f"output is {_why_not(output)}"
+            elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)) and (
+                # relu() of the producer's histogram is exact only when its positive
+                # side sets the range; otherwise observe the output itself.
+                not isinstance(module, nn.ReLU) or self.observers[src].last.relu_is_exact()
+            ):
+                last = self.observers[src].last
+                self._observer(tap, info).update_histogram(last.relu() if isinstance(module, nn.ReLU) else last)
+                self.reused[tap] = src
+                self._producer = _Producer(weakref.ref(output), output._version, tap)
+            else:
+                self._observe(tap, info, output)
+        for d in self.selection.derived:
+            if d.applies(module):
+                name = f"{tap}:{d.name}"
+                info = TapInfo(name, path, call, "derived", mtype, 0, derived=d.name)
+                with torch.no_grad():
+                    value = d.fn(module, args, output)
+                self._observer(name, info).update(value)

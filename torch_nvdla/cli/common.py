@@ -1,0 +1,58 @@
+"""Options and steps shared by the subcommands that calibrate a model on a data set."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import CalibrationError
+
+__all__ = ["add_calibration_options", "add_model_options", "calibration_kwargs", "calibration_loader", "dataset_for"]
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--data``: built-in names or ``package.module:function`` entry points."""
+    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
+    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+
+
+def add_calibration_options(p: argparse.ArgumentParser) -> None:
+    """How to calibrate: strategy, number of images, histogram bins, percentile."""
+    p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
+    p.add_argument("--input-method", default="minmax",
+                   help="strategy for the model input tap 'data' (default minmax; 'same' = --method)")
+    p.add_argument("--num-images", type=int, default=500, help="calibration images (default 500)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--bins", type=int, default=2048)
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--threshold", type=float, default=None, help="NVDLA calibrator spelling: a fraction, 0.9 = 90th percentile")
+
+
+def calibration_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`torch_nvdla.calibrate` given by the options above."""
+    return {
+        "method": args.method,
+        "bins": args.bins,
+        "percentile": args.percentile,
+        "threshold": args.threshold,
+        "input_method": None if args.input_method == "same" else args.input_method,
+    }
+
+
+def dataset_for(args: argparse.Namespace):
+    """The data set named by ``--data``, or the built-in model's own.
+
+    Raises:
+        CalibrationError: an entry-point model without ``--data``.
+    """
+    from ..zoo.registry import default_dataset_for, get_dataset
+
+    name = args.data or default_dataset_for(args.model)
+    if name is None:
+        raise CalibrationError(f"--data is required for the entry-point model {args.model!r}")
+    return get_dataset(name)
+
+
+def calibration_loader(args: argparse.Namespace):
+    """The data set (see :func:`dataset_for`) and its calibration loader."""
+    data = dataset_for(args)
+    return data, data.loader("calibration", args.batch_size, limit=args.num_images)

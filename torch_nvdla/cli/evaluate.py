@@ -1,0 +1,84 @@
+"""``torch-nvdla evaluate``: FP32 vs INT8 accuracy on held-out images (TensorRT sampleINT8's check)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "compare FP32 and INT8 (fake-quant, NVDLA integer) top-1/top-5 accuracy per calibration strategy"
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "file"}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
+    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+    p.add_argument("--calib-images", type=int, default=500, help="calibration images (default 500; disjoint from evaluation)")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="evaluation images, evenly spaced over the split (default: the whole evaluation split)")
+    p.add_argument("--methods", type=_csv, default=("entropy", "minmax", "percentile"),
+                   help="comma-separated strategies (default entropy,minmax,percentile)")
+    p.add_argument("--simulations", type=_csv, default=("fake", "nvdla"),
+                   help="comma-separated: fake (fake-quant), nvdla (NVDLA integer) (default both)")
+    p.add_argument("--weights", default="per-filter", choices=["per-filter", "per-kernel"])
+    p.add_argument("--placement", default="all", choices=["all", "nvdla", "modelopt"],
+                   help="which tensors fake-quant quantizes (default all: every tap)")
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--table", default=None, help="evaluate a saved calibration table instead of calibrating")
+    p.add_argument("--missing", default="error", choices=["error", "fp32"],
+                   help="taps the table lacks: fail (default) or run those layers in FP32")
+    p.add_argument("--plan", action="store_true",
+                   help="print the simulated NVDLA graph: fused layers and the scale each reads and writes")
+    p.add_argument("-o", "--output", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..utils.console import say
+    from ..zoo.data import batches
+    from ..sim.evaluate import evaluate, spread_subset
+    from ..utils.io import atomic_write_json
+    from ..calib.table import CalibrationTable
+    from .common import dataset_for
+    from ..zoo.registry import get_model
+
+    data = dataset_for(args)
+    model = get_model(args.model)
+    if args.table:
+        calibration = CalibrationTable.load(args.table)
+    else:
+        calibration = data.loader("calibration", args.batch_size, limit=args.calib_images)
+    xs, ys = spread_subset(*data.split("evaluation"), args.eval_images)
+    report = evaluate(model, calibration, batches(xs, ys, args.batch_size),
+                      methods=args.methods, simulations=args.simulations, weights=args.weights,
+                      placement=args.placement, percentile=args.percentile, missing=args.missing,
+                      progress=not args.json, model_name=args.model, data_name=data.name)
+    if args.output:
+        atomic_write_json(args.output, report.to_dict())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        if args.plan:
+            from ..sim.simulate import plan_simulation
+
+            table = calibration if args.table else None
+            if table is None:
+                from ..calib.calibrate import calibrate
+
+                table = calibrate(model, data.loader("calibration", args.batch_size, limit=args.calib_images),
+                                  args.methods[0], progress=False)
+            plan_simulation(model, table, (xs[:2], ys[:2]), mode="nvdla", weights=args.weights,
+                            missing=args.missing).print()
+        report.print()
+        for note in report.notes:
+            say(f"[yellow]{note}[/]")
+    return 0

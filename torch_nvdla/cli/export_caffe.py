@@ -1,0 +1,107 @@
+"""``torch-nvdla export-caffe``: deploy.prototxt + model.caffemodel + calib.json for the NVDLA compiler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_calibration_options, add_model_options
+
+HELP = "write deploy.prototxt, model.caffemodel and calib.json (matching names) for the NVDLA compiler"
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W (e.g. 1,3,32,32), got {text!r}") from None
+    if len(dims) != 4 or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected 4 positive integers N,C,H,W, got {text!r}")
+    return dims
+
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output_dir": "folder", "save_table": "file"}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--table", default=None,
+                   help="use this saved calibration table (calibrated with the taps export-caffe needs) instead of calibrating")
+    p.add_argument("--save-table", default=None, help="also save the calibration table here")
+    add_calibration_options(p)
+    p.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+                   help="the Input layer's shape (default: batch 1 and the data set's image shape)")
+    p.add_argument("--preset", default="auto", choices=["auto", "caffe-lenet", "resnet-caffe", "generic"],
+                   help="layer naming preset (default: auto-detect)")
+    p.add_argument("--names", default=None, metavar="MAP.json",
+                   help="user names: a JSON object {tap or layer: name}; wins over the preset")
+    p.add_argument("--net-name", default=None, help="the Caffe net name (default: the model's class name)")
+    p.add_argument("--eltwise", default="report", choices=["report", "unify"],
+                   help="element-wise inputs with different ranges: report them, or unify them to the largest")
+    p.add_argument("-o", "--output-dir", default="caffe_export",
+                   help="folder for deploy.prototxt, model.caffemodel and calib.json (default caffe_export; "
+                        "use lower case: the compiler lowercases the --calibtable path)")
+    p.add_argument("--no-verify", action="store_true", help="skip re-reading the files and comparing them with PyTorch")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export.caffe import convert_to_caffe, export_caffe
+    from ..utils.console import say
+    from .common import calibration_kwargs, calibration_loader
+    from ..calib.table import CalibrationTable
+    from ..nvdla.trtcache import read_name_map
+    from ..zoo.registry import get_model
+
+    overrides = read_name_map(args.names) if args.names else None
+    model = get_model(args.model)
+    example = None
+    data = None
+    if args.table is None or args.input_shape is None:
+        data, loader = calibration_loader(args)
+        if args.input_shape is None:
+            # a real image drives tracing and verification
+            example = data.calibration[0][:1].to(next(model.parameters()).dtype)
+    if args.table is not None:
+        table = CalibrationTable.load(args.table)
+    else:
+        from ..calib.calibrate import calibrate
+
+        conversion = convert_to_caffe(model, args.input_shape, example_input=example, names=args.preset,
+                                      overrides=overrides, verify=False)
+        table = calibrate(model, loader, taps=conversion.selection, progress=not args.json, **calibration_kwargs(args))
+    if args.save_table:
+        table.save(args.save_table)
+    result = export_caffe(model, table, args.output_dir, input_shape=args.input_shape, example_input=example,
+                          names=args.preset, overrides=overrides, net_name=args.net_name, eltwise=args.eltwise,
+                          verify=not args.no_verify)
+    conv = result.conversion
+    if args.json:
+        print(json.dumps({
+            "prototxt": str(result.prototxt),
+            "caffemodel": str(result.caffemodel),
+            "calib_json": str(result.calib_json),
+            "preset": conv.preset,
+            "input_shape": list(conv.input_shape),
+            "layers": [{"name": i.name, "type": i.type, "bottoms": list(i.bottoms), "tops": list(i.tops),
+                        "shape": list(i.shape), "tap": i.tap, "rule": i.rule} for i in conv.layers],
+            "scales": result.scales,
+            "max_abs_diff": conv.max_abs_diff,
+            "output_max_abs": conv.output_max_abs,
+            "notes": list(conv.notes),
+            "findings": [f.to_dict() for f in result.calib_report.findings if f.level != "info"],
+        }, indent=2))
+        return 0
+    result.print()
+    for note in conv.notes:
+        say(f"[dim]note:[/] {note}")
+    if result.calib_report is not None:
+        for f in result.calib_report.findings:
+            if f.level != "info":
+                say(f"[yellow]{f.level}:[/] {f.layer}: {f.message}")
+    if not args.no_verify:
+        say(f"[green]verified:[/] the files read back as a PyTorch module whose output differs from the model's by "
+            f"{conv.max_abs_diff:.3g} (largest output {conv.output_max_abs:.3g})")
+    say(f"compile with: nvdla_compiler --prototxt {result.prototxt} --caffemodel {result.caffemodel} "
+        f"--calibtable {result.calib_json} --cprecision int8")
+    return 0

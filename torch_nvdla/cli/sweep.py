@@ -1,0 +1,64 @@
+"""``torch-nvdla sweep``: layer-by-layer INT8 accuracy drop and a suggested FP16 fallback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "turn layers to INT8 one by one (cumulative) or alone (isolated) and measure the accuracy drop"
+
+#: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
+OUTPUTS = {"output": "prefix"}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
+    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+    p.add_argument("--calib-images", type=int, default=500, help="calibration images (default 500)")
+    p.add_argument("--images", type=int, default=1000,
+                   help="evaluation images per step, evenly spaced over the evaluation split (default 1000)")
+    p.add_argument("--order", default="both", choices=["cumulative", "isolated", "both"])
+    p.add_argument("--simulation", default="nvdla", choices=["nvdla", "fake"],
+                   help="NVDLA integer arithmetic (default) or fake-quant on the same graph")
+    p.add_argument("--weights", default="per-filter", choices=["per-filter", "per-kernel"])
+    p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
+    p.add_argument("--budget", type=float, default=None,
+                   help="allowed top-1 drop in points: suggest (and verify) an FP16 fallback list")
+    p.add_argument("--top-k", type=int, default=5, help="how many sensitive layers to name (default 5)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--table", default=None, help="use a saved calibration table instead of calibrating")
+    p.add_argument("--missing", default="error", choices=["error", "fp32"])
+    p.add_argument("-o", "--output", default="sweep",
+                   help="write OUTPUT.csv, OUTPUT.json and OUTPUT.png (default sweep)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..calib.calibrate import calibrate
+    from ..utils.console import say
+    from ..zoo.data import batches
+    from ..sim.evaluate import spread_subset
+    from ..sim.sweep import sweep
+    from ..calib.table import CalibrationTable
+    from .common import dataset_for
+    from ..zoo.registry import get_model
+
+    data = dataset_for(args)
+    model = get_model(args.model)
+    if args.table:
+        table = CalibrationTable.load(args.table)
+    else:
+        table = calibrate(model, data.loader("calibration", args.batch_size, limit=args.calib_images), args.method,
+                          progress=not args.json)
+    xs, ys = spread_subset(*data.split("evaluation"), args.images)
+    report = sweep(model, batches(xs, ys, args.batch_size), table, order=args.order,
+                   simulation=args.simulation, weights=args.weights, budget=args.budget, top_k=args.top_k,
+                   missing=args.missing, progress=not args.json)
+    paths = report.save(args.output, plot=not args.no_plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        report.print()
+        say(f"wrote {', '.join(str(p) for p in paths.values())} ({report.seconds:.1f} s)")
+    return 0

@@ -1,0 +1,446 @@
+"""Layer-by-layer accuracy-drop sweep: which layers cost accuracy in INT8, and what to keep in FP16.
+
+Like the Sophgo calibration tool's ``int8_layer`` sweep, on the simulated NVDLA graph
+(:mod:`torch_nvdla.sim.simulate`, placement ``"nvdla"``): a **layer** is one NVDLA operation
+after the fast-math fusions, so a convolution switches together with the BatchNorm and
+ReLU folded into it, and an element-wise sum with its ReLU.
+
+* **cumulative**: layers turn INT8 one at a time in network order; the accuracy after
+  each step shows where the drop accumulates (the last step is the whole network in INT8).
+* **isolated**: each layer alone in INT8, everything else FP32: its own sensitivity.
+
+A layer in INT8 reads its inputs quantized at their scales, computes in INT8 (fake-quant
+or NVDLA integer) and writes at its output scale; an FP32 layer runs the module as written.
+
+Cost. One calibration (or a given table), then per batch: one FP32 pass whose every
+call's output is kept, and for each step only the calls that can change are recomputed
+-- the changed layer and everything downstream of it (:meth:`SimulationPlan.downstream`);
+every other call returns its kept output without running. The cumulative sweep keeps each
+step's outputs as the next step's starting point. Kept outputs that a later in-place
+operation modified (their version counter moved) are recomputed, never reused.
+
+The suggested **fallback** list (layers to run in FP16) is built greedily from the most
+sensitive layers (isolated drop, else the cumulative step's change) and verified: each
+candidate list is measured with every other layer INT8, until the drop is within the
+budget. Fallback layers are simulated in FP32 (FP16's own rounding is not modelled).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..calib.calibrate import _model_device, eval_mode, run_batch
+from ..utils.console import progress_iter
+from ..errors import CalibrationError
+from .evaluate import _count, _logits, split_batch
+from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["SWEEP_ORDERS", "SweepReport", "SweepRow", "sweep"]
+
+SWEEP_ORDERS = ("cumulative", "isolated", "both")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepRow:
+    """One step of a sweep.
+
+    Attributes:
+        order: ``"cumulative"`` or ``"isolated"``.
+        index: the layer's position in network order (0-based).
+        layer: the layer's name (its head tap).
+        label: the fused taps, e.g. ``layer1.0.conv1+bn1+relu1``.
+        kind: ``conv``, ``fc``, ``eltwise``, ``relu``, ``maxpool``, ``avgpool``, ``float``.
+        accuracy: top-1 accuracy in percent after this step.
+        drop: FP32 accuracy minus ``accuracy`` (points).
+        change: ``accuracy`` minus the previous row's (the first row: minus FP32).
+    """
+
+    order: str
+    index: int
+    layer: str
+    label: str
+    kind: str
+    accuracy: float
+    drop: float
+    change: float
+
+    def __post_init__(self) -> None:
+        if self.order not in ("cumulative", "isolated"):
+            raise CalibrationError(f"sweep row {self.layer!r}: order must be cumulative or isolated, got {self.order!r}")
+        if not (0.0 <= self.accuracy <= 100.0):
+            raise CalibrationError(f"sweep row {self.layer!r}: accuracy {self.accuracy!r} is not a percentage")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepReport:
+    """The result of :func:`sweep`.
+
+    Attributes:
+        fp32: FP32 top-1 accuracy (percent).
+        int8: top-1 with every layer INT8.
+        images: images per step.
+        simulation: ``"nvdla"`` or ``"fake"``.
+        weights: ``"per-filter"`` or ``"per-kernel"``.
+        layers: every layer in network order.
+        cumulative: the cumulative rows (empty when not run).
+        isolated: the isolated rows (empty when not run).
+        sensitive: the ``top_k`` layers with the largest drop, most sensitive first.
+        budget: the allowed drop (points), or ``None``.
+        fallback: layers to keep in FP16 so the drop is within the budget (``None``
+            without a budget; empty when INT8 already meets it).
+        fallback_accuracy: the measured accuracy with that fallback.
+        fallback_met: whether the budget is met (``False``: even the full list did not).
+        seconds: wall time of the sweep (without calibration).
+        notes: what the simulation reported.
+    """
+
+    fp32: float
+    int8: float
+    images: int
+    simulation: str
+    weights: str
+    layers: tuple[str, ...]
+    cumulative: tuple[SweepRow, ...] = ()
+    isolated: tuple[SweepRow, ...] = ()
+    sensitive: tuple[str, ...] = ()
+    budget: float | None = None
+    fallback: tuple[str, ...] | None = None
+    fallback_accuracy: float | None = None
+    fallback_met: bool | None = None
+    seconds: float = 0.0
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and not (math.isfinite(self.budget) and self.budget >= 0):
+            raise CalibrationError(f"budget must be a finite drop >= 0 (points), got {self.budget!r}")
+
+    @property
+    def rows(self) -> tuple[SweepRow, ...]:
+        return self.cumulative + self.isolated
+
+    def to_dict(self) -> dict:
+        return {
+            "fp32": self.fp32, "int8": self.int8, "drop": self.fp32 - self.int8, "images": self.images,
+            "simulation": self.simulation, "weights": self.weights, "layers": list(self.layers),
+            "cumulative": [asdict(r) for r in self.cumulative], "isolated": [asdict(r) for r in self.isolated],
+            "sensitive": list(self.sensitive), "budget": self.budget,
+            "fallback": None if self.fallback is None else list(self.fallback),
+            "fallback_accuracy": self.fallback_accuracy, "fallback_met": self.fallback_met,
+            "seconds": round(self.seconds, 3), "notes": list(self.notes),
+        }
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["order", "index", "layer", "label", "kind", "accuracy", "drop", "change"])
+        for r in self.rows:
+            w.writerow([r.order, r.index, r.layer, r.label, r.kind, f"{r.accuracy:.4f}", f"{r.drop:.4f}",
+                        f"{r.change:.4f}"])
+        return buf.getvalue()
+
+    def save(self, prefix: str | Path, *, plot: bool = True) -> dict[str, Path]:
+        """Write ``<prefix>.csv``, ``<prefix>.json`` and ``<prefix>.png`` (atomically).
+
+        Returns:
+            ``{"csv": path, "json": path, "png": path}`` (no ``png`` without matplotlib
+            or with ``plot=False``).
+        """
+        prefix = Path(prefix)
+        out = {"csv": atomic_write_text(prefix.with_name(prefix.name + ".csv"), self.to_csv()),
+               "json": atomic_write_json(prefix.with_name(prefix.name + ".json"), self.to_dict())}
+        if plot:
+            png = self.plot(prefix.with_name(prefix.name + ".png"))
+            if png is not None:
+                out["png"] = png
+        return out
+
+    def plot(self, path: str | Path) -> Path | None:
+        """A PNG of accuracy against layer (cumulative and isolated), FP32 and budget lines."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        n = len(self.layers)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n + 2.5), 4.2), dpi=100)
+        ax.axhline(self.fp32, color="#2ca02c", linestyle="--", linewidth=1, label=f"FP32 {self.fp32:.2f}")
+        if self.budget is not None:
+            ax.axhline(self.fp32 - self.budget, color="#d62728", linestyle=":", linewidth=1,
+                       label=f"FP32 - budget ({self.budget:g} points)")
+        if self.cumulative:
+            ax.plot([r.index for r in self.cumulative], [r.accuracy for r in self.cumulative], marker="o",
+                    markersize=3, color="#1f77b4", label="cumulative (layers 0..i INT8)")
+        if self.isolated:
+            ax.plot([r.index for r in self.isolated], [r.accuracy for r in self.isolated], marker="s",
+                    markersize=3, linestyle="none" if self.cumulative else "-", color="#ff7f0e",
+                    label="isolated (layer i alone INT8)")
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(self.layers, rotation=90, fontsize=7)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"INT8 sweep ({self.simulation}, {self.weights}, {self.images} images)", fontsize=10)
+        ax.legend(fontsize=8, loc="lower left")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return atomic_write_bytes(path, buf.getvalue())
+
+    def print(self, title: str | None = None) -> None:
+        """Rich tables on stdout: the sweep(s), the sensitive layers, the fallback."""
+        from rich.table import Table
+
+        from ..utils.report import stdout
+
+        for order, rows in (("cumulative", self.cumulative), ("isolated", self.isolated)):
+            if not rows:
+                continue
+            t = Table(title=title or f"{order} INT8 sweep ({self.simulation}, {self.weights}; FP32 {self.fp32:.2f} %, "
+                      f"all INT8 {self.int8:.2f} %, {self.images} images)")
+            for col, just in [("#", "right"), ("layer", "left"), ("kind", "left"), ("accuracy %", "right"),
+                              ("drop", "right"), ("change", "right")]:
+                t.add_column(col, justify=just)
+            hot = set(self.sensitive)
+            for r in rows:
+                style = "bold red" if r.layer in hot else None
+                t.add_row(str(r.index), r.label, r.kind, f"{r.accuracy:.2f}", f"{r.drop:+.2f}", f"{r.change:+.2f}",
+                          style=style)
+            stdout.print(t)
+        if self.sensitive:
+            stdout.print(f"most sensitive: {', '.join(self.sensitive)}")
+        if self.fallback is not None:
+            if not self.fallback:
+                stdout.print(f"all layers INT8 are within the {self.budget:g}-point budget "
+                             f"(drop {self.fp32 - self.int8:.2f})")
+            else:
+                met = "meets" if self.fallback_met else "does NOT meet"
+                stdout.print(f"FP16 fallback ({len(self.fallback)} layer(s)) {met} the {self.budget:g}-point budget: "
+                             f"{', '.join(self.fallback)} -> {self.fallback_accuracy:.2f} % "
+                             f"(drop {self.fp32 - (self.fallback_accuracy or 0.0):.2f})")
+
+
+def _reiterable(data: Iterable) -> Iterable:
+    if iter(data) is data:  # a one-shot iterator: keep its batches
+        return list(data)
+    return data
+
+
+def sweep(
+    model: nn.Module,
+    data: Iterable,
+    table=None,
+    *,
+    calibration: Iterable | None = None,
+    method: str = "entropy",
+    order: str = "cumulative",
+    simulation: str = "nvdla",
+    weights: str = "per-filter",
+    budget: float | None = None,
+    top_k: int = 5,
+    missing: str = "error",
+    device: str | torch.device | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> SweepReport:
+    """Measure the accuracy drop layer by layer.
+
+    Args:
+        model: the model (left exactly as it was).
+        data: labelled batches ``(inputs, labels)``; iterated several times (a one-shot
+            iterator is kept in memory).
+        table: the calibration table; ``None``: calibrate on ``calibration`` with
+            ``method`` (once).
+        calibration: calibration batches (when no table is given).
+        method: calibration strategy (when no table is given).
+        order: ``"cumulative"``, ``"isolated"`` or ``"both"``.
+        simulation: ``"nvdla"`` (integer) or ``"fake"`` (fake-quant on the same graph).
+        weights: ``"per-filter"`` or ``"per-kernel"``.
+        budget: allowed top-1 drop in points; with it a verified FP16-fallback list is
+            suggested.
+        top_k: how many sensitive layers to name.
+        missing: ``"error"`` or ``"fp32"`` (layers the table cannot serve stay FP32 and
+            are not swept).
+        device: where inputs go.
+        num_batches: use only the first batches of ``data``.
+        progress: a rich progress bar over the whole sweep.
+
+    Returns:
+        A :class:`SweepReport` (``.print()``, ``.save(prefix)`` writes CSV, JSON and PNG).
+
+    Raises:
+        CalibrationError: bad options, no table and no calibration data, unlabelled data.
+    """
+    from .simulate import SimulationConfig, int8_simulation
+
+    if order not in SWEEP_ORDERS:
+        raise CalibrationError(f"order must be one of {', '.join(SWEEP_ORDERS)}, got {order!r}")
+    if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
+        raise CalibrationError(f"budget must be a finite drop >= 0 (points), got {budget!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise CalibrationError(f"top_k must be a non-negative integer, got {top_k!r}")
+    SimulationConfig(mode=simulation, weights=weights, placement="nvdla", missing=missing)
+    if table is None:
+        if calibration is None:
+            raise CalibrationError("sweep needs a calibration table or calibration data (calibration=loader)")
+        from ..calib.calibrate import calibrate
+
+        table = calibrate(model, calibration, method, device=device, progress=progress)
+    data = _reiterable(data)
+    batches = data if num_batches is None else list(_take(data, num_batches))
+    first = next(iter(batches), None)
+    if first is None:
+        raise CalibrationError("the sweep's data loader yielded no batches")
+    inputs0, _ = split_batch(first, 0)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    t0 = time.perf_counter()
+    orders = ("cumulative", "isolated") if order == "both" else (order,)
+
+    with torch.no_grad(), eval_mode(model), int8_simulation(
+            model, table, mode=simulation, weights=weights, placement="nvdla", layers=(), missing=missing,
+            example=_to_device(inputs0, dev)) as sim:
+        plan = sim.plan
+        swept = [layer for layer in plan.layers if layer.name not in plan.fp32_layers]
+        names = [layer.name for layer in swept]
+        downstream = {name: plan.downstream([name]) for name in names}
+        steps_per_batch = 1 + len(names) * len(orders) + (0 if "cumulative" in orders else 1)
+        total = len(batches) * steps_per_batch if hasattr(batches, "__len__") else None
+        n_images = 0
+        fp32_c = 0
+        all_c = 0
+        cum_c = [0] * len(names)
+        iso_c = [0] * len(names)
+
+        def work():
+            for b, batch in enumerate(batches):
+                inputs, labels = split_batch(batch, b)
+                yield ("base", b, inputs, labels, None)
+                for o in orders:
+                    for i in range(len(names)):
+                        yield (o, b, inputs, labels, i)
+                if "cumulative" not in orders:
+                    yield ("all", b, inputs, labels, None)
+
+        base: dict = {}
+        cur: dict = {}
+        for kind, b, inputs, labels, i in progress_iter(work(), "INT8 sweep", total, progress):
+            if kind == "base":
+                sim.set_layers(())
+                with sim._replaying(None, None) as rp:
+                    out = run_batch(model, inputs, dev, b)
+                base = rp.out
+                cur = dict(base)
+                c, _ = _count(_logits(out, b), labels, 1, b)
+                fp32_c += c
+                n_images += int(labels.shape[0])
+                continue
+            if kind == "all":
+                sim.set_layers(names)
+                out = run_batch(model, inputs, dev, b)
+                all_c += _count(_logits(out, b), labels, 1, b)[0]
+                continue
+            name = names[i]
+            if kind == "isolated":
+                sim.set_layers([name])
+                with sim._replaying(base, downstream[name]) as rp:
+                    out = run_batch(model, inputs, dev, b)
+                for idx, entry in rp.out.items():  # stale entries recomputed in FP32: keep the fresh ones
+                    if idx not in downstream[name]:
+                        base[idx] = entry
+                iso_c[i] += _count(_logits(out, b), labels, 1, b)[0]
+            else:
+                sim.set_layers(names[: i + 1])
+                with sim._replaying(cur, downstream[name]) as rp:
+                    out = run_batch(model, inputs, dev, b)
+                cur.update(rp.out)
+                c = _count(_logits(out, b), labels, 1, b)[0]
+                cum_c[i] += c
+                if i == len(names) - 1:
+                    all_c += c
+        base = cur = {}
+
+        pct = (lambda c: 100.0 * c / n_images)  # noqa: E731
+        fp32 = pct(fp32_c)
+        int8 = pct(all_c)
+        cumulative = _rows("cumulative", swept, [pct(c) for c in cum_c], fp32) if "cumulative" in orders else ()
+        isolated = _rows("isolated", swept, [pct(c) for c in iso_c], fp32) if "isolated" in orders else ()
+        iso = {r.layer: r for r in isolated}
+        cum = {r.layer: r for r in cumulative}
+
+        def key(i_name):
+            i, name = i_name
+            return (-(iso[name].drop if iso else 0.0), cum[name].change if cum else 0.0, i)
+
+        ranking = [name for _, name in sorted(enumerate(names), key=key)]
+        sensitive = tuple([n for n in ranking if (iso and iso[n].drop > 0) or (cum and cum[n].change < 0)][:top_k])
+
+        fallback = fallback_acc = met = None
+        if budget is not None:
+            fallback, fallback_acc, met = _fallback(sim, model, batches, dev, names, ranking,
+                                                    fp32, int8, float(budget), progress)
+        notes = tuple(plan.notes)
+    return SweepReport(fp32=fp32, int8=int8, images=n_images, simulation=simulation, weights=weights,
+                       layers=tuple(names), cumulative=tuple(cumulative), isolated=tuple(isolated),
+                       sensitive=sensitive, budget=None if budget is None else float(budget),
+                       fallback=None if fallback is None else tuple(fallback), fallback_accuracy=fallback_acc,
+                       fallback_met=met, seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _take(data: Iterable, n: int):
+    for i, batch in enumerate(data):
+        if i >= n:
+            break
+        yield batch
+
+
+def _to_device(inputs: Any, dev) -> Any:
+    """The example batch for discovery, as ``run_batch`` would call the model."""
+    from ..calib.calibrate import _to
+
+    return _to(inputs, dev)
+
+
+def _rows(order: str, layers, accs: Sequence[float], fp32: float) -> tuple[SweepRow, ...]:
+    rows = []
+    prev = fp32
+    for i, (layer, acc) in enumerate(zip(layers, accs)):
+        rows.append(SweepRow(order=order, index=i, layer=layer.name, label=layer.label, kind=layer.kind,
+                             accuracy=acc, drop=fp32 - acc, change=acc - prev))
+        prev = acc
+    return tuple(rows)
+
+
+def _measure(sim, model, batches, dev, layers: Sequence[str]) -> float:
+    sim.set_layers(layers)
+    c = n = 0
+    for b, batch in enumerate(batches):
+        inputs, labels = split_batch(batch, b)
+        c += _count(_logits(run_batch(model, inputs, dev, b), b), labels, 1, b)[0]
+        n += int(labels.shape[0])
+    return 100.0 * c / max(n, 1)
+
+
+def _fallback(sim, model, batches, dev, names: Sequence[str], ranked: Sequence[str], fp32: float, int8: float,
+              budget: float, progress: bool) -> tuple[list[str], float, bool]:
+    """Greedy, verified: add the most sensitive layer to FP16 until the drop fits the budget."""
+    if fp32 - int8 <= budget:
+        return [], int8, True
+    order = list(ranked) + [n for n in names if n not in ranked]
+    chosen: list[str] = []
+    acc = int8
+    for name in progress_iter(order, "FP16 fallback", len(order), progress):
+        chosen.append(name)
+        acc = _measure(sim, model, batches, dev, [n for n in names if n not in chosen])
+        if fp32 - acc <= budget:
+            return chosen, acc, True
+    return chosen, acc, False
