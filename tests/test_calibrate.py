@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -599,7 +598,7 @@ def test_cli_calibrate_json(tmp_path, capsys):
 
 
 def test_cache_is_not_reused_for_retrained_weights(tmp_path):
-    from torch_nvdla.calib.calibrate import model_fingerprint
+    from torch_nvdla.model.state import model_fingerprint
 
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from torch_nvdla import CalibrationTable, TapRange, calibrate
-from torch_nvdla.errors import FileFormatError, OutputError
+from torch_nvdla.errors import FileFormatError
 from torch_nvdla.cli import main
 
 pytest.importorskip("sklearn")  # the CLI tests run on the embedded digits data set

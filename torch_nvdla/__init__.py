@@ -14,11 +14,16 @@ first use (so ``import torch_nvdla`` needs neither onnx nor torchvision).
 from importlib import import_module as _import_module
 
 from .calib.calibrate import CalibConfig, calibrate
-from .errors import CalibrationError, FileFormatError, NonFiniteActivationError, TorchNvdlaError
 from .calib.histogram import Histogram, HistogramObserver
 from .calib.strategies import entropy_amax, minmax_amax, mse_amax, percentile_amax
 from .calib.table import CalibrationTable, TapRange
 from .calib.taps import BN_NORMALIZED, DerivedTap, TapInfo, TapSelection
+from .errors import (
+    CalibrationError,
+    FileFormatError,
+    NonFiniteActivationError,
+    TorchNvdlaError,
+)
 
 __version__ = "0.1.0"
 

@@ -15,11 +15,8 @@ Policies:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import itertools
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +25,30 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..errors import (
+    CalibrationError,
+    FileFormatError,
+    NonFiniteActivationError,
+    TorchNvdlaError,
+)
+from ..model.batch import describe_batch, first_float_tensor, run_batch
+from ..model.state import (
+    code_digest,
+    eval_mode,
+    hash_tensor,
+    model_device,
+    model_fingerprint,
+)
 from ..utils.console import progress_iter, say
-from ..errors import CalibrationError, FileFormatError, NonFiniteActivationError, TorchNvdlaError
 from .histogram import Histogram
 from .table import ZERO_TAP_AMAX, CalibrationTable, TapRange
 from .taps import TapHooks, TapSelection
 
-__all__ = ["CalibConfig", "calibrate", "eval_mode", "model_fingerprint", "ranges_from_histograms", "run_batch"]
+__all__ = ["CalibConfig", "calibrate", "ranges_from_histograms"]
 
 METHODS = ("entropy", "minmax", "percentile", "mse")
 #: Most bins per tap histogram (8 bytes each, per tap): beyond this memory, not resolution, rules.
 MAX_BINS = 1 << 16
-_LABEL_KEYS = frozenset({"label", "labels", "target", "targets", "y"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,154 +145,6 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
     return ranges
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put every module in eval mode; on exit restore each module's own flag and every
-    buffer (the same tensor object, its values bit for bit), so a forward that updates a
-    buffer (a counter, running statistics) leaves no trace."""
-    flags = [(m, m.training) for m in model.modules()]
-    buffers = [(m, name, b, b.detach().clone()) for m in model.modules()
-               for name, b in m._buffers.items() if b is not None]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        with torch.no_grad():
-            for m, name, b, saved in buffers:
-                m._buffers[name] = b
-                if b.shape != saved.shape or b.dtype != saved.dtype:
-                    b.data = saved
-                else:
-                    b.copy_(saved)
-
-
-def _to(x: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
-def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None, index: int = 0) -> Any:
-    """Call the model on one batch, the way :func:`calibrate` does.
-
-    A tensor is the input; a tuple/list is ``(inputs, target, ...)`` and its first element
-    is the input; a dict is passed as keyword arguments without its label keys
-    (``label(s)``, ``target(s)``, ``y``).
-
-    Raises:
-        CalibrationError: for any other batch type, naming it and the batch index.
-    """
-    if isinstance(batch, torch.Tensor):
-        return model(_to(batch, device))
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise CalibrationError(f"batch {index} is an empty {type(batch).__name__}")
-        return model(_to(batch[0], device))
-    if isinstance(batch, dict):
-        return model(**_to({k: v for k, v in batch.items() if k not in _LABEL_KEYS}, device))
-    raise CalibrationError(
-        f"batch {index} is a {type(batch).__name__}; expected a tensor, an (inputs, target) "
-        "tuple/list or a dict; pass forward=lambda model, batch: ... for anything else"
-    )
-
-
-def first_float_tensor(x: Any) -> torch.Tensor | None:
-    """The first floating dense tensor in a (nested) output, else None."""
-    stack = [x]
-    while stack:
-        v = stack.pop(0)
-        if isinstance(v, torch.Tensor):
-            if v.is_floating_point() and v.layout == torch.strided:
-                return v
-        elif isinstance(v, (tuple, list)):
-            stack[:0] = list(v)
-        elif isinstance(v, dict):
-            stack[:0] = list(v.values())
-    return None
-
-
-def describe_batch(batch: Any) -> str:
-    """``input 8x1x28x28 float32`` or the batch's type, for messages."""
-    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-    if isinstance(x, torch.Tensor):
-        return f"input {'x'.join(map(str, x.shape))} {str(x.dtype).replace('torch.', '')}"
-    return f"a {type(batch).__name__}"
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for p in itertools.chain(model.parameters(), model.buffers()):
-        return p.device
-    return None
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of everything a module's activations depend on, besides the data.
-
-    Covers each module's path, type, hyper-parameters (``extra_repr``), the code of its ``forward`` (the class's, or one set on the instance),
-    and every parameter *and buffer* (name, dtype, shape, bytes): retrained or permuted
-    weights, changed BatchNorm statistics, ``.double()`` or an edited ``forward`` all
-    change it.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for path, module in model.named_modules():
-            h.update(f"{path}:{type(module).__module__}.{type(module).__qualname__};".encode())
-            h.update(module.extra_repr().encode())
-            forward = vars(module).get("forward", type(module).forward)
-            h.update(code_digest(forward).encode())
-            for kind, tensors in (("p", module.named_parameters(recurse=False)), ("b", module.named_buffers(recurse=False))):
-                for name, t in tensors:
-                    _hash_tensor(h, f"{kind}:{name}", t)
-    return h.hexdigest()
-
-
-def _hash_tensor(h, label: str, t: torch.Tensor) -> None:
-    h.update(f"{label}:{t.dtype}:{tuple(t.shape)};".encode())
-    if t.layout != torch.strided:
-        t = t.to_dense()
-    t = t.detach().reshape(-1).cpu().contiguous()
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def code_digest(fn: Any) -> str:
-    """A hash of a function's code: bytecode, constants (nested code too), names and
-    closure values; the same for the same source, different after an edit."""
-    h = hashlib.blake2b(digest_size=16)
-    fn = getattr(fn, "__func__", fn)
-    if isinstance(fn, functools.partial):
-        h.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
-        fn = fn.func
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        h.update(f"{type(fn).__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}".encode())
-        return h.hexdigest()
-    stack = [code]
-    while stack:
-        c = stack.pop()
-        h.update(c.co_code)
-        h.update(repr(c.co_names).encode())
-        for const in c.co_consts:
-            if hasattr(const, "co_code"):
-                stack.append(const)
-            else:
-                h.update(repr(const).encode())
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:
-            continue
-        h.update((code_digest(value) if callable(value) else repr(value)).encode())
-    return h.hexdigest()
-
-
 class _Unfingerprintable(Exception):
     pass
 
@@ -294,7 +155,7 @@ def _hash_batch(h, batch: Any) -> None:
     while stack:
         b = stack.pop()
         if isinstance(b, torch.Tensor):
-            _hash_tensor(h, "t", b)
+            hash_tensor(h, "t", b)
         elif isinstance(b, (list, tuple)):
             h.update(f"{type(b).__name__}{len(b)};".encode())
             stack.extend(reversed(b))
@@ -447,7 +308,7 @@ def calibrate(
         if cached is not None:
             return cached
 
-    dev = torch.device(config.device) if config.device is not None else _model_device(model)
+    dev = torch.device(config.device) if config.device is not None else model_device(model)
     batches = _batches(loader, config)
     data = _DataDigest() if cache is not None else None
     total = config.num_batches

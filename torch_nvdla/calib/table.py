@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import FileFormatError
-from .histogram import Histogram
 from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
+from .histogram import Histogram
 from .taps import TapInfo
 
 __all__ = ["CalibrationTable", "TapRange", "ZERO_TAP_AMAX"]

@@ -24,9 +24,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..calib.calibrate import calibrate
-    from .common import calibration_kwargs, calibration_loader
     from ..utils.report import print_table
     from ..zoo.registry import get_model
+    from .common import calibration_kwargs, calibration_loader
 
     model = get_model(args.model)
     _, loader = calibration_loader(args)

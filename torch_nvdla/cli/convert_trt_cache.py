@@ -27,8 +27,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..nvdla.calibjson import _uppercase_finding, print_findings
-    from ..utils.console import say
     from ..nvdla.trtcache import read_name_map, trt_cache_to_calib_json
+    from ..utils.console import say
 
     names = read_name_map(args.names) if args.names else None
     conv = trt_cache_to_calib_json(args.cache, args.output, names=names, prototxt=args.prototxt,

@@ -40,9 +40,9 @@ def _write_calib_json(table, names, path) -> str:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..utils.console import say
-    from ..sim.evaluate import evaluate
     from ..nvdla.naming import calibrate_for_nvdla
+    from ..sim.evaluate import evaluate
+    from ..utils.console import say
     from ..zoo.registry import get_dataset, get_model
 
     t0 = time.perf_counter()

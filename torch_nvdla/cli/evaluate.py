@@ -43,13 +43,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..utils.console import say
-    from ..zoo.data import batches
-    from ..sim.evaluate import evaluate, spread_subset
-    from ..utils.io import atomic_write_json
     from ..calib.table import CalibrationTable
-    from .common import dataset_for
+    from ..sim.evaluate import evaluate, spread_subset
+    from ..utils.console import say
+    from ..utils.io import atomic_write_json
+    from ..zoo.data import batches
     from ..zoo.registry import get_model
+    from .common import dataset_for
 
     data = dataset_for(args)
     model = get_model(args.model)

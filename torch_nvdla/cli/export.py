@@ -37,12 +37,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..calib.table import CalibrationTable
     from ..nvdla.calibjson import export_calib_json
     from ..nvdla.naming import NvdlaNames, calibrate_for_nvdla, detect_preset
-    from ..calib.table import CalibrationTable
     from ..nvdla.trtcache import read_name_map
-    from .common import calibration_kwargs, calibration_loader
     from ..zoo.registry import get_model
+    from .common import calibration_kwargs, calibration_loader
 
     overrides = read_name_map(args.names) if args.names else None
     model = get_model(args.model)

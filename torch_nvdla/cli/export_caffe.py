@@ -46,12 +46,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export.caffe import convert_to_caffe, export_caffe
-    from ..utils.console import say
-    from .common import calibration_kwargs, calibration_loader
     from ..calib.table import CalibrationTable
+    from ..export.caffe import convert_to_caffe, export_caffe
     from ..nvdla.trtcache import read_name_map
+    from ..utils.console import say
     from ..zoo.registry import get_model
+    from .common import calibration_kwargs, calibration_loader
 
     overrides = read_name_map(args.names) if args.names else None
     model = get_model(args.model)

@@ -57,9 +57,9 @@ def _shape(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..calib.table import CalibrationTable
     from ..errors import CalibrationError
     from ..export.onnx import compare_with_onnxruntime, export_onnx
-    from ..calib.table import CalibrationTable
     from ..zoo.registry import default_dataset_for, get_dataset, get_model
 
     if args.example_images < 1:

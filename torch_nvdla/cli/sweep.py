@@ -36,13 +36,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..calib.calibrate import calibrate
-    from ..utils.console import say
-    from ..zoo.data import batches
+    from ..calib.table import CalibrationTable
     from ..sim.evaluate import spread_subset
     from ..sim.sweep import sweep
-    from ..calib.table import CalibrationTable
-    from .common import dataset_for
+    from ..utils.console import say
+    from ..zoo.data import batches
     from ..zoo.registry import get_model
+    from .common import dataset_for
 
     data = dataset_for(args)
     model = get_model(args.model)

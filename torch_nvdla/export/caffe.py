@@ -97,10 +97,10 @@ from ..caffe.importer import (
     build_module,
     caffe_pool_output_size,
 )
-from ..calib.calibrate import eval_mode
-from ..errors import TorchNvdlaError
 from ..caffe.prototxt import CaffeLayer, CaffeNet, EnumValue, Message, parse_prototxt
 from ..calib.taps import BN_NORMALIZED, TapSelection
+from ..errors import TorchNvdlaError
+from ..model.state import eval_mode
 
 __all__ = [
     "CaffeConversion",

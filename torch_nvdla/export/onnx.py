@@ -106,12 +106,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calib.calibrate import eval_mode
-from ..errors import CalibrationError
-from ..utils.io import atomic_write_bytes
 from ..calib.table import CalibrationTable
-from ..nvdla.naming import unique_name
 from ..calib.taps import BN_NORMALIZED, CallSites, DerivedTap, first_tensor
+from ..errors import CalibrationError
+from ..model.batch import call_args, split_labels
+from ..model.state import eval_mode, model_device
+from ..nvdla.naming import unique_name
+from ..utils.io import atomic_write_bytes
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -507,14 +508,6 @@ def _as_args(example_input) -> tuple:
                            f"got {type(example_input).__name__}")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def _torch_export(model: nn.Module, args: tuple, *, opset: int, input_names: Sequence[str],
                   output_names: Sequence[str], dynamic_batch: bool, fold_batchnorm: bool):
     """Export with the TorchScript-based exporter; returns the ``onnx.ModelProto``."""
@@ -649,7 +642,7 @@ def map_taps(model: nn.Module, table: CalibrationTable | Sequence[str], onnx_mod
     names = list(table)
     infos = getattr(table, "infos", {}) or {}
     args = _as_args(example_input)
-    dev = _model_device(model)
+    dev = model_device(model) or torch.device("cpu")
     with torch.no_grad(), eval_mode(model), capture_taps(model, names, derived) as captured:
         model(*[a.to(dev) for a in args])
     captured = dict(captured)
@@ -1043,7 +1036,7 @@ def export_onnx(
     if fold_batchnorm is None:
         fold_batchnorm = placement == "nvdla"
     args = _as_args(example_input)
-    dev = _model_device(model)
+    dev = model_device(model) or torch.device("cpu")
     args_dev = tuple(a.to(dev) for a in args)
     plain = _torch_export(model, args_dev, opset=opset, input_names=input_names, output_names=output_names,
                           dynamic_batch=dynamic_batch, fold_batchnorm=fold_batchnorm)
@@ -1144,10 +1137,13 @@ class _Names(list):
 
 
 def _split_batch(batch, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
-        return batch[0], torch.as_tensor(batch[1])
-    raise CalibrationError(f"batch {index}: compare_with_onnxruntime needs (inputs, labels) batches, "
-                           f"got {type(batch).__name__}")
+    """``(input tensor, labels)``: onnxruntime is fed one tensor per batch."""
+    inputs, labels = split_labels(batch, index)
+    args, kwargs = call_args(inputs)
+    if kwargs or not args or not isinstance(args[0], torch.Tensor):
+        raise CalibrationError(f"batch {index}: compare_with_onnxruntime needs (input tensor, labels) batches, "
+                               f"got {type(batch).__name__}")
+    return args[0], labels
 
 
 def _top1(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -1330,7 +1326,7 @@ def compare_with_onnxruntime(
         if export.weights != weights:
             raise CalibrationError(f"the export quantized weights {export.weights!r}, but weights={weights!r}")
         placement = export.placement
-    dev = _model_device(model)
+    dev = model_device(model) or torch.device("cpu")
     batches = iter(loader)
     if num_batches is not None:
         batches = itertools.islice(batches, num_batches)

@@ -43,7 +43,14 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CalibrationError, FileFormatError
-from ..utils.io import JsonProblem, atomic_write_json, check_strings, json_decoder, read_npz, read_text
+from ..utils.io import (
+    JsonProblem,
+    atomic_write_json,
+    check_strings,
+    json_decoder,
+    read_npz,
+    read_text,
+)
 from .naming import LayerName, NameResolution, NvdlaNames
 
 __all__ = [
@@ -948,7 +955,11 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
                                         "(pass --prototxt to check the ratios)", _where(scan.path, scan.entries[name].line),
                                         scan.entries[name].line))
         return CheckResult(scan.path, findings, scales, layers)
-    from ..caffe.prototxt import COMPILER_LAYER_TYPES, parse_prototxt, structure_problems
+    from ..caffe.prototxt import (
+        COMPILER_LAYER_TYPES,
+        parse_prototxt,
+        structure_problems,
+    )
 
     net = parse_prototxt(Path(prototxt))
     for p in structure_problems(net, COMPILER_LAYER_TYPES):

@@ -59,8 +59,14 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ..calib.taps import (
+    BN_NORMALIZED,
+    CallSites,
+    TapSelection,
+    first_tensor,
+    tensor_args,
+)
 from ..errors import CalibrationError
-from ..calib.taps import BN_NORMALIZED, CallSites, TapSelection, first_tensor, tensor_args
 
 __all__ = [
     "KINDS",
@@ -479,7 +485,8 @@ def trace_producers(model: nn.Module, example: Any, *, forward: Callable[[nn.Mod
         example: one batch, as :func:`~torch_nvdla.calibrate`'s loader yields it.
         forward: ``forward(model, batch)`` for batches :func:`run_batch` cannot call.
     """
-    from ..calib.calibrate import _model_device, eval_mode, run_batch
+    from ..model.batch import run_batch
+    from ..model.state import eval_mode, model_device
 
     registry: dict[int, tuple[weakref.ref, int, int, str]] = {}
     calls: list[TraceCall] = []
@@ -516,7 +523,7 @@ def trace_producers(model: nn.Module, example: Any, *, forward: Callable[[nn.Mod
         if forward is not None:
             forward(model, example)
         else:
-            run_batch(model, example, _model_device(model))
+            run_batch(model, example, model_device(model))
     return calls
 
 

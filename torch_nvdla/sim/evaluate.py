@@ -23,10 +23,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..calib.calibrate import _LABEL_KEYS, _model_device, eval_mode, run_batch
-from ..utils.console import progress_iter
-from ..errors import CalibrationError
 from ..calib.table import CalibrationTable
+from ..errors import CalibrationError
+from ..model.batch import LABEL_KEYS, run_batch, split_labels
+from ..model.state import eval_mode, model_device
+from ..utils.console import progress_iter
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -36,7 +37,6 @@ __all__ = [
     "accuracy",
     "evaluate",
     "spread_subset",
-    "split_batch",
 ]
 
 #: The strategies compared by default (the TensorRT / NVDLA calibrators' three).
@@ -67,47 +67,6 @@ class Accuracy:
             raise CalibrationError(f"inconsistent accuracy counts: {self.correct1}/{self.correct5} of {self.images}")
 
 
-def split_batch(batch: Any, index: int = 0) -> tuple[Any, torch.Tensor]:
-    """Split a labelled batch into what the model is called with and the labels.
-
-    ``(inputs, labels, ...)`` tuples/lists and dicts with a ``label(s)`` / ``target(s)`` /
-    ``y`` key are labelled; the first part is passed on unchanged (``run_batch`` calls the
-    model with it).
-
-    Raises:
-        CalibrationError: an unlabelled batch (a bare tensor, a 1-tuple, a dict without a
-            label key), naming the batch index.
-    """
-    if isinstance(batch, (tuple, list)):
-        if len(batch) < 2:
-            raise CalibrationError(
-                f"evaluation batch {index} has no labels: a {type(batch).__name__} of {len(batch)} item(s); "
-                "evaluation needs (inputs, labels) batches"
-            )
-        labels = batch[1]
-        inputs: Any = batch
-    elif isinstance(batch, dict):
-        key = next((k for k in batch if k in _LABEL_KEYS), None)
-        if key is None:
-            raise CalibrationError(
-                f"evaluation batch {index} is a dict without labels (keys {sorted(batch)}); add one of "
-                f"{sorted(_LABEL_KEYS)}"
-            )
-        labels = batch[key]
-        inputs = batch
-    elif isinstance(batch, torch.Tensor):
-        raise CalibrationError(
-            f"evaluation batch {index} is a bare tensor: evaluation needs labels, pass (inputs, labels) batches"
-        )
-    else:
-        raise CalibrationError(f"evaluation batch {index} is a {type(batch).__name__}; expected (inputs, labels)")
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dim() != 1:
-        raise CalibrationError(
-            f"evaluation batch {index}: labels must be a 1-D integer tensor of class indices, "
-            f"got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
-    return inputs, labels
 
 
 def _logits(output: Any, index: int) -> torch.Tensor:
@@ -158,7 +117,7 @@ def accuracy(model: nn.Module, loader: Iterable, *, k: int = 5, device: str | to
         CalibrationError: unlabelled batches, labels that do not fit the outputs, an
             empty loader.
     """
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     total = None
     if hasattr(loader, "__len__"):
         total = len(loader) if num_batches is None else min(num_batches, len(loader))
@@ -167,7 +126,7 @@ def accuracy(model: nn.Module, loader: Iterable, *, k: int = 5, device: str | to
         for i, batch in enumerate(progress_iter(loader, description, total, progress)):
             if num_batches is not None and i >= num_batches:
                 break
-            inputs, labels = split_batch(batch, i)
+            inputs, labels = split_labels(batch, i)
             if hashes is not None:
                 hashes.update(_sample_hashes(inputs))
             out = _logits(run_batch(model, inputs, dev, i), i)
@@ -207,7 +166,7 @@ def _input_tensor(inputs: Any) -> torch.Tensor | None:
         return inputs[0]
     if isinstance(inputs, dict):
         for k, v in inputs.items():
-            if k not in _LABEL_KEYS and isinstance(v, torch.Tensor):
+            if k not in LABEL_KEYS and isinstance(v, torch.Tensor):
                 return v
     return None
 

@@ -126,11 +126,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calib.calibrate import eval_mode, model_fingerprint
-from ..errors import CalibrationError
-from ..nvdla.requant import avgpool_q16, multiplier_shift, rescale_ratio
 from ..calib.taps import CallSites, first_tensor, leaf_modules, tensor_args
-from ..nvdla.weights import bias_int16_shift, fold_batchnorm, quantize_bias, quantize_weight
+from ..errors import CalibrationError
+from ..model.batch import call_args
+from ..model.state import eval_mode, model_fingerprint
+from ..nvdla.requant import avgpool_q16, multiplier_shift, rescale_ratio
+from ..nvdla.weights import (
+    bias_int16_shift,
+    fold_batchnorm,
+    quantize_bias,
+    quantize_weight,
+)
 
 __all__ = [
     "DATA",
@@ -1218,7 +1224,7 @@ class Simulation:
         self._modules = dict(self.model.named_modules())
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         if example is not None:
-            args, kwargs = _example_args(example)
+            args, kwargs = call_args(example)
             self._prepare(args, kwargs)
 
     def _exit(self) -> None:
@@ -1455,19 +1461,6 @@ class Simulation:
             self._replay = None
 
 
-def _example_args(example: Any) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` to call the model with, from a batch as ``run_batch`` reads it."""
-    from ..calib.calibrate import _LABEL_KEYS
-
-    if isinstance(example, torch.Tensor):
-        return (example,), {}
-    if isinstance(example, (tuple, list)) and example:
-        return (example[0],), {}
-    if isinstance(example, dict):
-        return (), {k: v for k, v in example.items() if k not in _LABEL_KEYS}
-    raise CalibrationError(f"example must be a tensor, an (inputs, target) pair or a dict, got {type(example).__name__}")
-
-
 @contextlib.contextmanager
 def int8_simulation(
     model: nn.Module,
@@ -1553,7 +1546,7 @@ def compare_modes(model: nn.Module, table, example: Any, *, weights: str = "per-
     for mode in ("fake", "nvdla"):
         with int8_simulation(model, table, mode=mode, placement="nvdla", weights=weights, missing=missing,
                              example=example) as sim, torch.no_grad():
-            args, kwargs = _example_args(example)
+            args, kwargs = call_args(example)
             with sim._replaying(None, None) as rp:
                 model(*args, **kwargs)
             outputs[mode] = (sim.plan, {i: t for i, (t, _) in rp.out.items()})

@@ -33,16 +33,17 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..calib.calibrate import _model_device, eval_mode, run_batch
-from ..utils.console import progress_iter
 from ..errors import CalibrationError
-from .evaluate import _count, _logits, split_batch
+from ..model.batch import run_batch, split_labels, to_device
+from ..model.state import eval_mode, model_device
+from ..utils.console import progress_iter
 from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .evaluate import _count, _logits
 
 __all__ = ["SWEEP_ORDERS", "SweepReport", "SweepRow", "sweep"]
 
@@ -301,14 +302,14 @@ def sweep(
     first = next(iter(batches), None)
     if first is None:
         raise CalibrationError("the sweep's data loader yielded no batches")
-    inputs0, _ = split_batch(first, 0)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    inputs0, _ = split_labels(first, 0)
+    dev = torch.device(device) if device is not None else model_device(model)
     t0 = time.perf_counter()
     orders = ("cumulative", "isolated") if order == "both" else (order,)
 
     with torch.no_grad(), eval_mode(model), int8_simulation(
             model, table, mode=simulation, weights=weights, placement="nvdla", layers=(), missing=missing,
-            example=_to_device(inputs0, dev)) as sim:
+            example=to_device(inputs0, dev)) as sim:
         plan = sim.plan
         swept = [layer for layer in plan.layers if layer.name not in plan.fp32_layers]
         names = [layer.name for layer in swept]
@@ -323,7 +324,7 @@ def sweep(
 
         def work():
             for b, batch in enumerate(batches):
-                inputs, labels = split_batch(batch, b)
+                inputs, labels = split_labels(batch, b)
                 yield ("base", b, inputs, labels, None)
                 for o in orders:
                     for i in range(len(names)):
@@ -403,11 +404,6 @@ def _take(data: Iterable, n: int):
         yield batch
 
 
-def _to_device(inputs: Any, dev) -> Any:
-    """The example batch for discovery, as ``run_batch`` would call the model."""
-    from ..calib.calibrate import _to
-
-    return _to(inputs, dev)
 
 
 def _rows(order: str, layers, accs: Sequence[float], fp32: float) -> tuple[SweepRow, ...]:
@@ -424,7 +420,7 @@ def _measure(sim, model, batches, dev, layers: Sequence[str]) -> float:
     sim.set_layers(layers)
     c = n = 0
     for b, batch in enumerate(batches):
-        inputs, labels = split_batch(batch, b)
+        inputs, labels = split_labels(batch, b)
         c += _count(_logits(run_batch(model, inputs, dev, b), b), labels, 1, b)[0]
         n += int(labels.shape[0])
     return 100.0 * c / max(n, 1)

@@ -19,14 +19,14 @@ import os
 import sys
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from . import data as _data
 from ..errors import CalibrationError, TorchNvdlaError
 from ..utils.paths import DATA_ENV
+from . import data as _data
 
 __all__ = [
     "DATASETS",

@@ -1,0 +1,1 @@
+"""Model plumbing shared by every subpackage: batches, device, eval mode, fingerprint."""
