@@ -50,6 +50,9 @@ class PadShortcut(nn.Module):
         stride: spatial subsampling step.
     """
 
+    #: How torch_nvdla's Caffe export writes it (a fixed 1x1 strided convolution).
+    nvdla_export = "pad-shortcut"
+
     def __init__(self, in_planes: int, out_planes: int, stride: int = 2) -> None:
         super().__init__()
         if out_planes < in_planes or stride < 1:

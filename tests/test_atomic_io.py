@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 
 import torch_nvdla.utils.io as io_mod
-from torch_nvdla.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from torch_nvdla.utils.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 PACKAGE_DIR = Path(io_mod.__file__).parents[1]
 OLD = {"format": "old", "values": [1, 2, 3]}

@@ -10,17 +10,21 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-
-from torch_nvdla import calibrate
-from torch_nvdla.export.caffe import CaffeExportError, convert_to_caffe, export_caffe
-from torch_nvdla.caffe.importer import CaffeImportError, caffe_pool_output_size, import_caffe
-from torch_nvdla.caffe.caffemodel import read_caffemodel
-from torch_nvdla.nvdla.calibjson import check_calib_json, read_calib_json
-from torch_nvdla.nvdla.naming import NvdlaNames
-from torch_nvdla.caffe.prototxt import parse_prototxt
-from torch_nvdla.cli import main
 from torch_nvdla.models.caffe_lenet import load_caffe_lenet
 from torch_nvdla.models.resnet_cifar import load_resnet_cifar
+
+from torch_nvdla import calibrate
+from torch_nvdla.caffe.caffemodel import read_caffemodel
+from torch_nvdla.caffe.importer import (
+    CaffeImportError,
+    caffe_pool_output_size,
+    import_caffe,
+)
+from torch_nvdla.caffe.prototxt import parse_prototxt
+from torch_nvdla.cli import main
+from torch_nvdla.export.caffe import CaffeExportError, convert_to_caffe, export_caffe
+from torch_nvdla.nvdla.calibjson import check_calib_json, read_calib_json
+from torch_nvdla.nvdla.naming import NvdlaNames
 
 LENET = ["data", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1", "ip2", "prob"]
 

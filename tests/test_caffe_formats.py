@@ -22,7 +22,6 @@ from torch_nvdla.caffe.caffemodel import (
     read_caffemodel,
     write_caffemodel,
 )
-from torch_nvdla.errors import FileFormatError
 from torch_nvdla.caffe.prototxt import (
     CaffeLayer,
     CaffeNet,
@@ -33,6 +32,7 @@ from torch_nvdla.caffe.prototxt import (
     parse_text_message,
     write_prototxt,
 )
+from torch_nvdla.errors import FileFormatError
 
 LENET_LAYERS = [
     # name, type, bottoms, tops

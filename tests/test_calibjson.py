@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch_nvdla.models.caffe_lenet import load_caffe_lenet
 
 from torch_nvdla import CalibrationError, CalibrationTable, FileFormatError, TapRange
+from torch_nvdla.caffe.prototxt import parse_prototxt
 from torch_nvdla.nvdla.calibjson import (
     apply_nvdla_rules,
     check_calib_json,
@@ -19,12 +21,15 @@ from torch_nvdla.nvdla.calibjson import (
     read_calib_json,
     scan_calib_json,
 )
-from torch_nvdla.zoo.data import load_mnist_test, preprocess_mnist_caffe
 from torch_nvdla.nvdla.export_weights import export_quantized_weights
-from torch_nvdla.nvdla.naming import LayerName, NvdlaNames, calibrate_for_nvdla, caffe_lenet_names
-from torch_nvdla.caffe.prototxt import parse_prototxt
+from torch_nvdla.nvdla.naming import (
+    LayerName,
+    NvdlaNames,
+    caffe_lenet_names,
+    calibrate_for_nvdla,
+)
 from torch_nvdla.nvdla.weights import quantize_bias, quantize_weight
-from torch_nvdla.models.caffe_lenet import load_caffe_lenet
+from torch_nvdla.zoo.data import load_mnist_test, preprocess_mnist_caffe
 
 LENET = ["data", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1", "ip2", "prob"]
 # The hand-written table measured with the real compiler (shared/nvdla/COMPILER_FACTS.md).

@@ -12,12 +12,17 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from torch_nvdla.zoo import data as _data, registry as _zoo
-from torch_nvdla.errors import CalibrationError, FileFormatError
-from torch_nvdla.models.caffe_lenet import CAFFE_LENET_SHAPES, CaffeLeNet, load_caffe_lenet
+from torch_nvdla.models.caffe_lenet import (
+    CAFFE_LENET_SHAPES,
+    CaffeLeNet,
+    load_caffe_lenet,
+)
 from torch_nvdla.models.digits_lenet import DigitsLeNet, load_digits_lenet
 from torch_nvdla.models.resnet_cifar import PadShortcut, ResNetCifar, load_resnet_cifar
+
+from torch_nvdla.errors import CalibrationError, FileFormatError
+from torch_nvdla.zoo import data as _data
+from torch_nvdla.zoo import registry as _zoo
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from torch_nvdla.calib.calibrate import calibrate
-from torch_nvdla.zoo.data import batches
+from torch_nvdla.calib.table import CalibrationTable, TapRange
 from torch_nvdla.errors import CalibrationError
 from torch_nvdla.model.batch import split_labels as split_batch
 from torch_nvdla.sim.evaluate import accuracy, evaluate, spread_subset
 from torch_nvdla.sim.simulate import int8_simulation
 from torch_nvdla.sim.sweep import sweep
-from torch_nvdla.calib.table import CalibrationTable, TapRange
+from torch_nvdla.zoo.data import batches
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from torch_nvdla.caffe.importer import import_caffe
+from torch_nvdla.calib.table import CalibrationTable, TapRange
+from torch_nvdla.cli import main
 from torch_nvdla.nvdla.calibjson import calib_json_object
 from torch_nvdla.nvdla.requant import multiplier_shift, rescale_ratio
 from torch_nvdla.sim.simulate import int8_simulation
-from torch_nvdla.calib.table import CalibrationTable, TapRange
-from torch_nvdla.cli import main
 
 GOLDEN_SCALES = {
     "data": 1 / 127, "conv1": 0.06, "pool1": 0.06, "conv2": 0.12, "pool2": 0.12,

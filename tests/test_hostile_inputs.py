@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from torch_nvdla import CalibrationTable, TapRange, calibrate
-from torch_nvdla.errors import FileFormatError
 from torch_nvdla.cli import main
+from torch_nvdla.errors import FileFormatError
 
 pytest.importorskip("sklearn")  # the CLI tests run on the embedded digits data set
 

@@ -6,21 +6,21 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch_nvdla.models.caffe_lenet import CaffeLeNet
+from torch_nvdla.models.resnet_cifar import ResNetCifar
 
 from torch_nvdla import BN_NORMALIZED, CalibrationError, TapSelection, calibrate
 from torch_nvdla.nvdla.naming import (
     SOFTMAX_AMAX,
     LayerName,
     NvdlaNames,
-    calibrate_for_nvdla,
     caffe_lenet_names,
+    calibrate_for_nvdla,
     detect_preset,
     generic_layer_name,
     resnet_caffe_names,
     trace_producers,
 )
-from torch_nvdla.models.caffe_lenet import CaffeLeNet
-from torch_nvdla.models.resnet_cifar import ResNetCifar
 
 LENET = ["data", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1", "ip2", "prob"]
 

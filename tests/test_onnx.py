@@ -347,8 +347,8 @@ def test_resnet20_onnxruntime_vs_simulation(shared_data):
 
 def test_cli_export_onnx(tmp_path, capsys):
     pytest.importorskip("sklearn")  # the digits data set ships with scikit-learn
-    from torch_nvdla.nvdla.trtcache import read_trt_cache
     from torch_nvdla.cli import main
+    from torch_nvdla.nvdla.trtcache import read_trt_cache
 
     table = tmp_path / "table.json"
     assert main(["calibrate", "--model", "digits-lenet", "--num-images", "200", "-o", str(table)]) == 0

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_nvdla.calib.calibrate import calibrate
+from torch_nvdla.calib.table import CalibrationTable, TapRange
+from torch_nvdla.calib.taps import BN_NORMALIZED, TapSelection, tap_name
 from torch_nvdla.errors import CalibrationError
 from torch_nvdla.nvdla.requant import fake_quant, quantize, requantize
 from torch_nvdla.sim.simulate import (
@@ -22,8 +24,6 @@ from torch_nvdla.sim.simulate import (
     int8_simulation,
     plan_simulation,
 )
-from torch_nvdla.calib.table import CalibrationTable, TapRange
-from torch_nvdla.calib.taps import BN_NORMALIZED, TapSelection, tap_name
 
 
 def table_of(amaxes: dict[str, float], meta: dict | None = None) -> CalibrationTable:

@@ -20,7 +20,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -40,11 +40,10 @@ from ..model.state import (
     model_fingerprint,
 )
 from ..utils.console import progress_iter, say
-from .histogram import Histogram
-from .table import ZERO_TAP_AMAX, CalibrationTable, TapRange
+from .table import ZERO_TAP_AMAX, CalibrationTable, ranges_from_histograms
 from .taps import TapHooks, TapSelection
 
-__all__ = ["CalibConfig", "calibrate", "ranges_from_histograms"]
+__all__ = ["CalibConfig", "calibrate"]
 
 METHODS = ("entropy", "minmax", "percentile", "mse")
 #: Most bins per tap histogram (8 bytes each, per tap): beyond this memory, not resolution, rules.
@@ -105,44 +104,6 @@ class CalibConfig:
     def overrides(self) -> dict[str, str]:
         """Per-tap strategies that differ from ``method``."""
         return {"data": self.input_method} if self.input_method else {}
-
-
-def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
-                           overrides: Mapping[str, str] | None = None, **options) -> dict[str, TapRange]:
-    """Pick each tap's range from its histogram with one strategy.
-
-    Args:
-        histograms: tap -> histogram.
-        method: the strategy.
-        overrides: tap -> strategy for taps that use another one (e.g. ``data``).
-        **options: the strategy's options (``percentile=``); ignored by the others.
-
-    Raises:
-        NonFiniteActivationError: naming every tap whose data held NaN or Inf.
-    """
-    from .strategies import compute_amax
-
-    bad = [name for name, h in histograms.items() if not bool(h.finite)]
-    if bad:
-        raise NonFiniteActivationError(
-            f"NaN or Inf activations in {len(bad)} tap(s): {', '.join(bad[:10])}"
-            + (" ..." if len(bad) > 10 else "") + "; fix the model or the data (no table was written)"
-        )
-    ranges = {}
-    overrides = dict(overrides or {})
-    for name, h in histograms.items():
-        amax = 0.0
-        tap_method = overrides.get(name, method)
-        if h.numel:
-            counts, edges = h.abs_histogram()
-            opts = options if tap_method == method else {}
-            amax = min(float(compute_amax(tap_method, counts, edges, **opts)), h.max_abs())
-        if not amax > 0.0:
-            amax = ZERO_TAP_AMAX
-        lo = float(h.min) if h.numel else 0.0
-        hi = float(h.max) if h.numel else 0.0
-        ranges[name] = TapRange(name, amax, tap_method, lo, hi)
-    return ranges
 
 
 class _Unfingerprintable(Exception):

@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, NonFiniteActivationError
 from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
 from .histogram import Histogram
+from .strategies import compute_amax
 from .taps import TapInfo
 
-__all__ = ["CalibrationTable", "TapRange", "ZERO_TAP_AMAX"]
+__all__ = ["CalibrationTable", "TapRange", "ZERO_TAP_AMAX", "ranges_from_histograms"]
 
 ZERO_TAP_AMAX = 1.0
 TABLE_FORMAT = "torch_nvdla.calibration_table"
@@ -114,8 +115,6 @@ class CalibrationTable(Mapping):
         """The same histograms, ranges re-picked by another strategy (no new data pass)."""
         if not self.histograms:
             raise ValueError("this table holds no histograms (loaded from a file?); recalibrate")
-        from .calibrate import ranges_from_histograms
-
         overrides = {k: v for k, v in self.meta.get("overrides", {}).items() if k in self.histograms}
         ranges = ranges_from_histograms(self.histograms, method, overrides, **options)
         meta = {**self.meta, "method": method, "options": options}
@@ -224,6 +223,43 @@ class CalibrationTable(Mapping):
                                 self._ranges[name].method if name in self._ranges else "")
         atomic_write_json(directory / "index.json", index)
         return directory
+
+
+def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
+                           overrides: Mapping[str, str] | None = None, **options) -> dict[str, TapRange]:
+    """Pick each tap's range from its histogram with one strategy.
+
+    Args:
+        histograms: tap -> histogram.
+        method: the strategy.
+        overrides: tap -> strategy for taps that use another one (e.g. ``data``).
+        **options: the strategy's options (``percentile=``); ignored by the others.
+
+    Raises:
+        NonFiniteActivationError: naming every tap whose data held NaN or Inf.
+    """
+
+    bad = [name for name, h in histograms.items() if not bool(h.finite)]
+    if bad:
+        raise NonFiniteActivationError(
+            f"NaN or Inf activations in {len(bad)} tap(s): {', '.join(bad[:10])}"
+            + (" ..." if len(bad) > 10 else "") + "; fix the model or the data (no table was written)"
+        )
+    ranges = {}
+    overrides = dict(overrides or {})
+    for name, h in histograms.items():
+        amax = 0.0
+        tap_method = overrides.get(name, method)
+        if h.numel:
+            counts, edges = h.abs_histogram()
+            opts = options if tap_method == method else {}
+            amax = min(float(compute_amax(tap_method, counts, edges, **opts)), h.max_abs())
+        if not amax > 0.0:
+            amax = ZERO_TAP_AMAX
+        lo = float(h.min) if h.numel else 0.0
+        hi = float(h.max) if h.numel else 0.0
+        ranges[name] = TapRange(name, amax, tap_method, lo, hi)
+    return ranges
 
 
 def _json_type(v: Any) -> str:

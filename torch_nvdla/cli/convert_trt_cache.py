@@ -26,7 +26,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..nvdla.calibjson import _uppercase_finding, print_findings
+    from ..nvdla.calibjson import print_findings, uppercase_path_finding
     from ..nvdla.trtcache import read_name_map, trt_cache_to_calib_json
     from ..utils.console import say
 
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     conv = trt_cache_to_calib_json(args.cache, args.output, names=names, prototxt=args.prototxt,
                                    fill_inplace=not args.no_fill, allow_missing=args.allow_missing)
     findings = list(conv.findings)
-    up = _uppercase_finding(args.output, "warning")
+    up = uppercase_path_finding(args.output, "warning")
     if up is not None:
         findings.append(up)
     if args.json:

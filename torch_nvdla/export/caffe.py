@@ -107,6 +107,7 @@ __all__ = [
     "CaffeExport",
     "CaffeExportError",
     "CaffeLayerInfo",
+    "PAD_SHORTCUT",
     "caffe_tap_selection",
     "convert_to_caffe",
     "export_caffe",
@@ -125,16 +126,18 @@ class CaffeExportError(TorchNvdlaError, ValueError):
 # ---------------------------------------------------------------------------------------
 
 
-def _pad_shortcut_type() -> tuple[type, ...]:
-    try:
-        from torch_nvdla.models.resnet_cifar import PadShortcut
-    except ImportError:  # pragma: no cover - the models package is part of torch_nvdla
-        return ()
-    return (PadShortcut,)
+#: A module whose ``nvdla_export`` attribute is this value is a channel-padding strided
+#: shortcut (``in_planes``, ``out_planes``, ``stride``): keep every ``stride``-th pixel and
+#: zero-pad the channels evenly before and after (the CIFAR ResNets' option A). It is
+#: exported as a fixed 1x1 convolution.
+PAD_SHORTCUT = "pad-shortcut"
 
 
-def _leaf_types() -> tuple[type, ...]:
-    return (CaffeEltwise, CaffeConcat, CaffeScale, CaffeReshape, *_pad_shortcut_type())
+def _is_pad_shortcut(m: nn.Module) -> bool:
+    return getattr(m, "nvdla_export", None) == PAD_SHORTCUT
+
+
+_LEAF_TYPES = (CaffeEltwise, CaffeConcat, CaffeScale, CaffeReshape)
 
 
 def _first_proxy(args) -> fx.Proxy | None:
@@ -149,9 +152,8 @@ def _first_proxy(args) -> fx.Proxy | None:
 class _TapTracer(fx.Tracer):
     """fx tracer that records, per node, the taps (calibration names) observing its value."""
 
-    def __init__(self, leaf_types: tuple[type, ...]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.leaf_types = leaf_types
         self.calls: dict[str, int] = {}
         self.output_taps: dict[fx.Node, list[str]] = {}  # node -> taps of module outputs
         self.input_taps: dict[fx.Node, list[str]] = {}  # node -> "<tap>:input" names
@@ -159,7 +161,7 @@ class _TapTracer(fx.Tracer):
         self.node_scope: dict[fx.Node, str] = {}  # node -> innermost module path of a traced-through call
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types):
+        if isinstance(m, _LEAF_TYPES) or _is_pad_shortcut(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -190,7 +192,7 @@ def _trace(model: nn.Module) -> tuple[fx.GraphModule, _TapTracer]:
         raise CaffeExportError(
             f"the model ({type(model).__name__}) is a single module; wrap it in nn.Sequential to export it"
         )
-    tracer = _TapTracer(_leaf_types())
+    tracer = _TapTracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
@@ -454,7 +456,7 @@ class _Converter:
             self.concat(node, list(args), mod.axis, where, common)
         elif isinstance(mod, CaffeScale):
             self.scale_layer(node, mod, where, common, path)
-        elif _pad_shortcut_type() and isinstance(mod, _pad_shortcut_type()):
+        elif _is_pad_shortcut(mod):
             self.pad_shortcut(node, mod, where, common, path)
         else:
             raise CaffeExportError(

@@ -73,6 +73,7 @@ __all__ = [
     "read_calib_json",
     "representability_findings",
     "scan_calib_json",
+    "uppercase_path_finding",
 ]
 
 #: Caffe layer type -> layer kind (see :data:`torch_nvdla.nvdla.naming.KINDS`).
@@ -513,7 +514,8 @@ class ExportReport:
             print_findings(self.findings, title="export findings")
 
 
-def _uppercase_finding(path: Any, level: str) -> Finding | None:
+def uppercase_path_finding(path: Any, level: str) -> Finding | None:
+    """A finding when ``path`` has upper-case letters (the compiler lowercases it and aborts)."""
     text = str(path)
     if any(c.isupper() for c in text):
         return Finding(level, "uppercase-path", "",
@@ -565,7 +567,7 @@ def export_calib_json(table, path: str | os.PathLike, names: NvdlaNames | Mappin
             + "; ".join(f"{f.layer}: {f.message}" for f in errors[:5])
         )
     obj = calib_json_object(scales)
-    up = _uppercase_finding(path, "warning")
+    up = uppercase_path_finding(path, "warning")
     if up is not None:
         findings.append(up)
         if not quiet:
@@ -942,7 +944,7 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
         weights = load_weight_blobs(weights)  # a bad file is an error even without a prototxt
     scan = scan_calib_json(path)
     findings = list(scan.findings)
-    up = _uppercase_finding(path, "error")
+    up = uppercase_path_finding(path, "error")
     if up is not None:
         findings.insert(0, up)
     scales = scan.scales()
