@@ -1,26 +1,6 @@
 """Caffe ``.caffemodel`` files: the binary ``NetParameter``, read and written by hand.
 
-The protobuf wire format is small: every field is a *key* varint
-(``field_number << 3 | wire_type``) followed by a varint (type 0), 8 bytes
-(type 1), a varint length and that many bytes (type 2: strings, sub-messages,
-packed repeated numbers) or 4 bytes (type 5). Types 3/4 (groups) are obsolete but
-skipped correctly. This module decodes and encodes the subset of ``caffe.proto``
-that a deploy net needs, driven by :data:`_SCHEMA` below (field numbers from
-upstream BVLC ``caffe.proto``); unknown fields are skipped when reading.
-
-* :func:`read_caffemodel` / :func:`decode_caffemodel` return a :class:`CaffeModel`
-  (a :class:`~torch_nvdla.caffe.prototxt.CaffeNet` whose layers carry their blobs as
-  float32 arrays with their shapes). Layer parameters decode to the same
-  :class:`~torch_nvdla.caffe.prototxt.Message` values a prototxt parses to (enums as
-  :class:`~torch_nvdla.caffe.prototxt.EnumValue`, float32 fields as the shortest decimal),
-  so the two can be compared directly. Legacy ``layers`` (V1) are upgraded.
-* :func:`write_caffemodel` / :func:`encode_caffemodel` write new-style ``layer``
-  entries (name, type, bottoms, tops, parameter messages, blobs with ``shape`` and
-  packed float ``data``), fields in field-number order as Caffe writes them.
-
-A truncated or garbled file raises :class:`~torch_nvdla.errors.FileFormatError`
-naming the file and the byte offset; reading never raises another exception type
-for bad bytes.
+Design notes and the facts behind them: ``docs/caffe.md``.
 """
 
 from __future__ import annotations

@@ -1,53 +1,6 @@
 """``import_caffe(prototxt, caffemodel)``: a Caffe deploy net as an equivalent PyTorch module.
 
-The result is a :class:`CaffeNetModule` whose submodules are named after the Caffe
-layers (``conv1``, ``pool1``, ..., ``prob``), so calibrating it gives a table whose tap
-names *are* the Caffe layer names, and :func:`torch_nvdla.export.caffe.export_caffe`
-writes it back to Caffe. Reading follows Caffe's own rules (TEST phase, BVLC
-``caffe.proto`` defaults):
-
-* **Blobs** are copied from the caffemodel *by layer name*, as Caffe's
-  ``CopyTrainedLayersFrom`` does: caffemodel layers the deploy net lacks (``Data``,
-  ``SoftmaxWithLoss``, ...) are ignored; a deploy layer that needs blobs and finds none
-  is an error naming it. Without a caffemodel the layers keep PyTorch's initial values.
-* **Blob names** are variables: an in-place layer (``top == bottom``, e.g. ``relu1``
-  on ``ip1``) rebinds the name, later layers see the new value. The net's outputs are
-  the blobs no later layer consumes (Caffe's rule), in production order.
-* **Layers** (a submodule each; ``Input``/``Split`` make none):
-
-  ====================  ==============================================================
-  Caffe                 PyTorch
-  ====================  ==============================================================
-  Convolution           ``nn.Conv2d`` (``kernel_size``/``pad``/``stride``/``dilation``
-                        repeated ``[h, w]`` or ``*_h``/``*_w``; ``group``;
-                        ``bias_term``)
-  InnerProduct          ``nn.Linear`` on the bottom flattened from ``axis`` (C order,
-                        as Caffe); ``transpose: true`` handled
-  Pooling               ``nn.MaxPool2d`` / ``nn.AvgPool2d`` with ``ceil_mode=True``
-                        (Caffe rounds output sizes up and clips a last window that
-                        starts in the padding, exactly PyTorch's ceil mode) and
-                        ``count_include_pad=True``; ``round_mode: FLOOR`` -> floor;
-                        ``global_pooling`` -> adaptive pooling to 1 x 1
-  ReLU / Sigmoid / TanH ``nn.ReLU`` (``nn.LeakyReLU`` for ``negative_slope``),
-                        ``nn.Sigmoid``, ``nn.Tanh``
-  BatchNorm             ``nn.BatchNorm{1,2,3}d(affine=False)`` with mean and variance
-                        divided by the third blob (Caffe's moving-average factor;
-                        0 -> statistics 0, as Caffe)
-  Scale                 :class:`CaffeScale` (learned ``blobs[0]``, optional bias)
-  Eltwise               :class:`CaffeEltwise` (SUM with coefficients, PROD, MAX)
-  Concat                :class:`CaffeConcat`
-  Softmax               ``nn.Softmax(dim=axis)``
-  Flatten / Reshape     ``nn.Flatten`` / :class:`CaffeReshape`
-  Dropout               ``nn.Dropout`` (identity in eval mode, as Caffe's TEST phase)
-  ====================  ==============================================================
-
-  Every other type (``LRN``, ``Deconvolution``, ``Data``, loss layers ...) raises
-  :class:`CaffeImportError` naming the layer, its type and the prototxt line.
-
-Module names: a Caffe name is used as is unless PyTorch cannot hold it as a submodule
-name (it contains ``.``, is empty or clashes with an ``nn.Module`` attribute); then
-``.`` becomes ``_`` (plus a numeric suffix on a clash) and
-:attr:`CaffeNetModule.module_names` maps Caffe names to module names.
+Design notes and the facts behind them: ``docs/caffe.md``.
 """
 
 from __future__ import annotations

@@ -1,30 +1,6 @@
 """Caffe prototxt files: a protobuf text-format parser and writer, and a Caffe-level view.
 
-Two layers live here:
-
-* A schema-free protobuf **text format** reader/writer. :func:`parse_text_message`
-  turns ``name: value`` / ``name { ... }`` text into a :class:`Message`, an ordered
-  list of ``(field, value, line)`` entries, so every value keeps the line it came
-  from. Values are ``bool`` (``true``/``false``), ``int``, ``float``, ``str``
-  (quoted strings) or :class:`EnumValue` (bare identifiers such as ``MAX``), and
-  nested :class:`Message` objects. :func:`format_prototxt` writes a message back;
-  the text parses again to an equal message.
-* A **Caffe view**: :func:`parse_prototxt` reads a ``deploy.prototxt`` (new-style
-  ``layer { }`` or legacy ``layers { }``) into a :class:`CaffeNet` of
-  :class:`CaffeLayer` objects, with the net's input shapes collected from ``Input``
-  layers or the legacy ``input:`` + ``input_shape`` / ``input_dim`` fields.
-  :meth:`CaffeNet.to_text` writes deploy text that Caffe (and the NVDLA compiler)
-  read; legacy ``layers`` are upgraded to ``layer`` on the way.
-
-Building messages in code::
-
-    conv = Message(num_output=20, kernel_size=5, stride=1)
-    pool = Message(pool=EnumValue("MAX"), kernel_size=2, stride=2)
-    shape = Message({"shape": {"dim": [1, 1, 28, 28]}})   # lists -> repeated fields
-    layer = CaffeLayer("pool1", "Pooling", ["conv1"], ["pool1"], {"pooling_param": pool})
-
-Syntax errors raise :class:`~torch_nvdla.errors.FileFormatError` naming the file,
-the line and the problem.
+Design notes and the facts behind them: ``docs/caffe.md``.
 """
 
 from __future__ import annotations

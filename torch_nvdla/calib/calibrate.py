@@ -1,16 +1,6 @@
 """``calibrate(model, loader)``: one pass over data, one range per tap.
 
-The pass runs the model in eval mode under ``torch.no_grad()`` with forward hooks that
-stream every tap into a device-side histogram (:mod:`torch_nvdla.calib.histogram`). Afterwards
-each tap's range is picked from its histogram by a pure strategy
-(:mod:`torch_nvdla.calib.strategies`). Hooks are removed and every module's train/eval flag is
-restored in ``finally``: after ``calibrate`` -- even one that raised -- the model has no
-hooks left and an identical state_dict.
-
-Policies:
-    * NaN / Inf activations: an error naming every tap that saw one
-      (:class:`NonFiniteActivationError`); a range from poisoned data is never written.
-    * All-zero taps: ``amax = 1.0`` (see :data:`torch_nvdla.calib.table.ZERO_TAP_AMAX`), reported.
+Design notes and the facts behind them: ``docs/calib.md``.
 """
 
 from __future__ import annotations

@@ -1,46 +1,6 @@
 """Streaming, mergeable, exact histograms of activations, kept on the activation's device.
 
-The one idea of this module: a histogram whose range is a **power of two**.
-
-A :class:`Histogram` counts signed values on ``(-R, R)`` in ``2 * bins`` equal bins, where
-``R = 2**(floor(log2(max|x|)) + 1)`` is the smallest power of two *strictly above* every
-``|x|`` seen (a value equal to ``R`` would need a closed last bin, and a closed bin does not
-nest when the range grows: the value would have to leave it). Bins are mirror images: with
-``w = R / bins``, positive bin ``bins + j`` holds ``x`` in ``[j*w, (j+1)*w)`` and negative bin
-``bins - 1 - j`` holds ``x`` in ``(-(j+1)*w, -j*w]``, so ``x`` and ``-x`` always fold into
-the same bin of the ``|x|`` histogram.
-
-Because ``R`` is a function of the global maximum alone, and because halving a
-power-of-two bin grid nests exactly, the histogram is the same whatever the batch size,
-the batch order or the number of processes that contributed:
-
-* growing the range from ``R`` to ``R * 2**k`` merges each run of ``2**k`` adjacent bins
-  into one (an integer index shift, ``b' = bins + ((b - bins) >> k)``): no data is re-read
-  and no count is dropped;
-* merging two histograms brings both to the larger range this way and adds the counts.
-
-Binning is exact: a value's bin offset is ``trunc(x * bins / R)`` (minus one for negative
-values); ``bins / R`` is a power of two, so the product is exact (see :func:`_count_cpu`),
-and only integers are counted. ``torch.histc`` on the raw values is not exact: it rounds
-``x + R`` in the input's precision, which moves a value just below a bin edge into the next
-bin -- more often the larger ``R`` is, so a histogram grown from a small range would
-disagree with one computed at once. Counts are int64 (CPU: ``bincount``; CUDA: float64
-``histc`` counts, exact to ``2**53``). Memory is ``O(bins)`` per histogram plus a fixed
-scratch buffer, never ``O(activations)``.
-
-The price of the power-of-two range is resolution: the data's largest value lands in the
-upper half of the range, so between ``bins/2`` and ``bins`` bins cover the data (exactly
-``bins/2`` when max|x| is itself a power of two).
-
-On CUDA nothing here waits for the device (but :meth:`Histogram.relu_is_exact`): the range
-is a device tensor and the bin indices are counted by ``histc`` over the fixed window
-``[-bins, bins]``. On the CPU, where a host read costs nothing, the range is read back and
-the indices are counted by ``bincount`` (with the index arithmetic, about 2.5 times faster
-than ``histc`` on the raw values), a cache-sized chunk at a time.
-
-The signed layout keeps what a ReLU does computable without touching data:
-``relu(x)`` has the positive half of ``x``'s histogram plus every non-positive value in
-bin 0 (see :meth:`Histogram.relu`).
+Design notes and the facts behind them: ``docs/calib.md``.
 """
 
 from __future__ import annotations

@@ -1,30 +1,6 @@
 """Calibration strategies: pick ``amax`` from a histogram of ``|x|``.
 
-Every strategy is a pure function of a histogram of magnitudes:
-
-* ``counts``: 1-D tensor or array of ``N >= 1`` non-negative counts (int64 or float);
-  bin ``j`` covers ``[edges[j], edges[j + 1])``;
-* ``edges``: ``N + 1`` increasing bin edges, ``edges[0] == 0``;
-
-and returns ``amax`` (a Python float), the symmetric range that the quantizer maps to
-``+-127`` (``scale = amax / 127``). An empty histogram (every count zero) gives ``0.0``:
-flooring the range is the caller's job.
-
-Torch tensors are used where they live (CPU or CUDA; MPS, which has no float64, is
-computed on the CPU). All arithmetic is float64, so counts stay exact up to ``2**53``.
-Each search is vectorised over its candidates and never reads the device: the one host
-read is the final ``float(...)`` of the result.
-
-The strategies:
-
-* :func:`entropy_amax`: TensorRT's EntropyCalibrator2 (minimum KL divergence), with the
-  semantics of NVIDIA's open implementations (pytorch-quantization, modelopt).
-* :func:`minmax_amax`: no clipping.
-* :func:`percentile_amax`: clip a fraction of the samples (modelopt's ``percentile``, the
-  NVDLA Caffe calibrator's ``threshold`` through :func:`threshold_to_percentile`).
-* :func:`mse_amax`: minimum expected squared quantize-dequantize error.
-
-:data:`STRATEGIES` maps method names to the functions; :func:`compute_amax` dispatches.
+Design notes and the facts behind them: ``docs/calib.md``.
 """
 
 from __future__ import annotations

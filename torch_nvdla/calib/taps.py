@@ -1,26 +1,6 @@
 """Taps: which tensors of a model a calibration pass observes, and the hooks that observe them.
 
-Naming scheme (one name per tensor, stable across runs):
-
-* ``data`` -- the model's input (the first floating tensor argument of ``forward``).
-* ``<module path>`` -- the output of a leaf module on its first call in a forward pass;
-  ``<module path>#k`` -- its output on call ``k`` (k = 1, 2, ...). torchvision's Bottleneck
-  calls one ``relu`` three times: ``layer1.0.relu``, ``layer1.0.relu#1``, ``layer1.0.relu#2``.
-* ``<tap>:input`` -- the (first) input of that call, observed *before* the module runs,
-  so an in-place module does not hide it (the residual sum feeding a block's last ReLU).
-* ``<tap>:<derived name>`` -- a tensor computed from a call's inputs and output by a
-  :class:`DerivedTap` (e.g. ``bn1:normalized``, BatchNorm before its affine).
-
-Hooks are registered on the model instance only, owned by :class:`TapHooks`, and removed
-by its ``close()`` (use it as a context manager, so they go in ``finally``).
-
-Cheap taps: the output of an ``nn.ReLU`` whose input is exactly the tensor another tap has
-just observed (same object, not modified since) is not histogrammed again: its histogram
-is that tap's batch histogram with the negative half moved to zero
-(:meth:`Histogram.relu`) -- when that is exact, i.e. when the batch's largest positive value
-sets the histogram's range (:meth:`Histogram.relu_is_exact`; a device read on CUDA), so a
-derived tap always equals the one computed from the data. Likewise value-preserving modules
-(Identity, Dropout in eval, Flatten) reuse their input's batch histogram.
+Design notes and the facts behind them: ``docs/calib.md``.
 """
 
 from __future__ import annotations

@@ -1,33 +1,6 @@
 """calib.json for the NVDLA compiler's ``--calibtable``: write, read, check.
 
-The file (the format nvdla/sw's ``calib_txt_to_json.py`` writes and the compiler reads):
-one JSON object, one key per Caffe layer name plus the input blob (usually ``data``),
-each value ``{"scale": s, "min": 0, "max": 0, "offset": 0}``. With ``scale`` present
-the layer's output range is ``+-127 * s``; without it ``min`` / ``max`` are used
-symmetrically; ``offset`` is ignored and extra keys are ignored.
-
-What the compiler does with it (measured, ``shared/nvdla/COMPILER_FACTS.md``), hence
-the rules enforced here:
-
-* **Every** layer needs an entry, in-place ones included; a missing key aborts the
-  compiler (exit 134) without naming it. A zero scale fails (exit 255, layer not named).
-  A string scale, a non-object entry or a top-level array abort it. Negative scales and
-  duplicate keys (first wins) are accepted silently.
-* The requantization ratio ``r = S_in * S_w / S_out`` must be an int16 multiplier
-  ``m in [2^14, 2^15)`` with a right shift ``t in [0, 63]`` (``2^-49 <= r < 2^15``),
-  else "Truncate value ... out of range [0,63]" / "Couldn't converge".
-* Pooling is not rescaled by the hardware: a pool's entry is taken as the next layer's
-  input scale, so it must **equal its producer's entry** (pool1 = conv1 compiles without a
-  warning and gives a mis-scaled network). Concat likewise: inputs and output share one
-  scale. An element-wise sum whose inputs have different scales gets the first input's
-  scale overwritten with the second's.
-* The ``--calibtable`` path is lowercased by the compiler, which then crashes on a path
-  with upper-case letters.
-
-:func:`export_calib_json` applies these rules (pools take their producer's range, concat
-shares the largest range, element-wise differences are reported or unified) and reports
-every change; :func:`read_calib_json` validates a file and names what is wrong (file,
-line, key); :func:`check_calib_json` checks a file against a ``deploy.prototxt``.
+Design notes and the facts behind them: ``docs/nvdla.md``.
 """
 
 from __future__ import annotations

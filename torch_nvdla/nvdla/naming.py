@@ -1,49 +1,6 @@
 """Tap -> NVDLA layer names: which calib.json key takes which tap's range.
 
-The NVDLA compiler reads ``--calibtable`` as one JSON entry per **Caffe layer** of the
-network it compiles (plus the input blob). A PyTorch model has taps instead
-(:mod:`torch_nvdla.calib.taps`): ``data``, ``<module path>``, ``<path>#k``, ``<tap>:input``,
-``<tap>:normalized``. This module says, per network, which tap measures each Caffe layer's
-**output** tensor, in network (prototxt) order:
-
-* Caffe runs ``BatchNorm``, ``Scale`` and ``ReLU`` **in place** (top = bottom), yet each
-  is its own layer with its own entry and its own output range (ResNet-50's ``conv1``,
-  ``bn_conv1``, ``scale_conv1``, ``conv1_relu`` are four tensors).
-* Caffe splits a BatchNorm into ``BatchNorm`` (normalise) and ``Scale`` (affine): one
-  PyTorch ``BatchNorm2d`` gives two entries, ``bn*`` from the derived tap
-  ``<bn>:normalized`` (:data:`~torch_nvdla.calib.taps.BN_NORMALIZED`) and ``scale*`` from the
-  module's output.
-
-Presets (:meth:`NvdlaNames.for_model`):
-
-* ``"caffe-lenet"`` -- BVLC Caffe LeNet (``lenet.prototxt``): exactly ``data, conv1,
-  pool1, conv2, pool2, ip1, relu1, ip2, prob``.
-* ``"resnet-caffe"`` -- torchvision ResNet-18/34/50/101/152 named like the original
-  Caffe deploy files of He et al. (github.com/KaimingHe/deep-residual-networks):
-  stem ``data, conv1, bn_conv1, scale_conv1, conv1_relu, pool1``; per block (stages
-  ``res2`` .. ``res5``) ``res2a_branch1, bn2a_branch1, scale2a_branch1`` (projection
-  shortcut, listed first as in the prototxt), ``res2a_branch2a, bn2a_branch2a,
-  scale2a_branch2a, res2a_branch2a_relu``, ... ``scale2a_branch2c``, ``res2a`` (the
-  residual sum: the *input* of the block's last ReLU call, tap ``relu#2:input`` in a
-  Bottleneck, ``relu#1:input`` in a BasicBlock) and ``res2a_relu``; head ``pool5,
-  fc1000, prob``. Blocks are ``a, b, c, ...``; the Caffe ResNet-101/152 files name
-  res3 and res4 ``a, b1, b2, ...`` (ResNet-101 res4: ``a, b1 .. b22``; ResNet-152 res3:
-  ``a, b1 .. b7``, res4 ``a, b1 .. b35``). BasicBlocks (ResNet-18/34) have branch2a and
-  branch2b only. ResNet-50 gives 229 entries.
-
-  torchvision has no softmax module, so ``prob`` has no tap: its range is fixed at
-  ``amax = 1`` (:data:`SOFTMAX_AMAX`). Softmax outputs lie in ``[0, 1]``, so 1 is an
-  exact bound (a calibrated value could only be smaller, and the compiler runs softmax
-  on the CPU emulator anyway, ``COMPILER_FACTS.md``).
-* ``"generic"`` -- any other model: one entry per tap named after the module path
-  (:func:`generic_layer_name`), BatchNorms split into ``<path>_normalized`` + ``<path>``,
-  producers (for the pool / concat / element-wise rules) found by running one example
-  batch (:func:`trace_producers`).
-
-User overrides (a mapping keyed by tap *or* current layer name, or a callable
-``(name, tap) -> new name | None``) win over every preset; ``None`` drops a layer.
-Nothing is dropped silently: :meth:`NvdlaNames.resolve` reports taps with no name,
-names with no tap, and override keys that matched nothing.
+Design notes and the facts behind them: ``docs/nvdla.md``.
 """
 
 from __future__ import annotations

@@ -1,36 +1,6 @@
 """The integer arithmetic of NVDLA INT8 inference, as exact torch operations.
 
-Everything here works on integer-valued tensors on any device; accumulators and
-intermediate products are carried in ``int64`` (or in ``float64`` where every value
-is a provably exact integer), so the results are bit-exact, not approximations.
-
-Vocabulary: ``amax`` is a symmetric range, ``scale = amax / 127``; a real value ``x``
-is represented by the int8 ``q`` with ``x ~= q * scale``.
-
-Sources of the rules (all public):
-
-* ``nvdla/doc`` ``doc/hw/v1/ias/precision.rst`` ("Precision Preservation"): a
-  converter computes ``y = saturation_round((x - offset) * scaling >> shifter)`` with
-  an INT16 ``scaling``, an unsigned ``shifter`` (right shift) and rounding "round half
-  away from zero"; the convolution pipeline truncates/saturates to INT32 before the
-  SDP (``cc_out_trunc``); bias is brought to the accumulator's scale by a left shift.
-* ``nvdla/sw`` compiler, ``umd/core/src/compiler/include/priv/`` math helpers
-  (``scaleAndShiftFromScalarImpl2`` / ``factorizeScalars``): a rescale factor ``r``
-  becomes ``m = (int)(r * 2^t)`` with ``t = 15 - numBits`` where
-  ``numBits = floor(log2 |r|) + 1``, fails with "Truncate value ... out of range
-  [0,63]" when ``t >= 64`` and with "Couldn't converge on `2^(x) * y`" /
-  "beyond dynamic range of NvS16" when ``m`` does not fit.
-* ``nvdla/sw`` ``engine-ast/SDPNode.cpp`` ``SDPBiasOpNode::performPerKernelRescaling``
-  (``r = (S_in / S_out) * S_w`` in float32, programmed in the SDP output converter)
-  and ``performPerChannelRescaling`` (per-filter: one int16 multiplier per output
-  channel in the SDP X1 MUL stage, one shared truncate derived from the largest
-  ``r``; output converter scale 1, shift 0).
-* ``nvdla/hw`` ``cmod/pdp/NV_NVDLA_pdp.cpp`` (``PoolingStage1Calc``) and the
-  ``nvdla/sw`` firmware ``pdp.c`` table ``recip_kernel_size``: INT8 average pooling
-  multiplies the window sum by a Q16 reciprocal of the kernel width, rounds half away
-  from zero, then does the same with the kernel height.
-* Measured golden vector: ``shared/nvdla/COMPILER_FACTS.md`` (LeNet: conv1
-  ``21272 >> 25``, conv2 ``32065 >> 25``, ip1 ``32583 >> 25``, ip2 ``17596 >> 24``).
+Design notes and the facts behind them: ``docs/nvdla.md``.
 """
 
 from __future__ import annotations

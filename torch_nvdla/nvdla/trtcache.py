@@ -1,28 +1,6 @@
 """TensorRT INT8 calibration caches: write, read, convert to NVDLA calib.json.
 
-The format (what TensorRT's ``IInt8Calibrator::writeCalibrationCache`` emits and what the
-nvdla/sw ``calib_txt_to_json.py`` reads)::
-
-    TRT-7000-EntropyCalibration2
-    data: 3c008912
-    conv1: 3c88edfc
-    ...
-
-The first line is ``TRT-<version>-<calibrator>``; every other line is
-``<tensor name>: <hex>`` where ``<hex>`` is the **big-endian IEEE-754 float32 bit
-pattern of the scale** ``amax / 127`` (``0x3c008912`` = 0.0078452, an amax of 0.9963).
-Tensor names may hold spaces and brackets, so a line is split at its **last** ``": "``.
-
-TensorRT names tensors after Caffe **blobs**, not layers. An in-place blob (``conv1``
-written by ``conv1``, ``bn_conv1``, ``scale_conv1``, ``conv1_relu`` in ResNet-50) is
-named after its **last** writer; the earlier writers' outputs are
-``(Unnamed Layer* N) [Type]_output``, ``N`` being the TensorRT layer index. So
-TensorRT's ``conv1`` is NVDLA's ``conv1_relu`` and LeNet's ``ip1`` is NVDLA's ``relu1``.
-``calib_txt_to_json.py`` (Python 2 only) copies names unchanged, which gives the compiler
-a table with the wrong ranges under in-place names and no entry for the others.
-:func:`convert_trt_cache` renames with a user map and/or the deploy prototxt
-(:func:`caffe_trt_names`), fills in-place writers TensorRT did not name from their blob,
-and reports every entry it could not place and every layer left without an entry.
+Design notes and the facts behind them: ``docs/nvdla.md``.
 """
 
 from __future__ import annotations

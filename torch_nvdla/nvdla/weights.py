@@ -1,22 +1,6 @@
 """Weight and bias quantization exactly as the NVDLA compiler does it, plus BatchNorm folding.
 
-Vocabulary: ``amax`` is a symmetric range, ``scale = amax / 127``.
-
-Sources of the rules (all public):
-
-* ``nvdla/sw`` ``umd/core/src/compiler/include/priv/WeightTranslationUnit.h``
-  (``WeightTrns::perKernelQuantizeWts`` / ``perFilterQuantizeWts``): in float32,
-  ``scale = max|W| / 127`` (over the whole KCRS blob, or per output filter),
-  ``invScale = 1 / scale`` and ``q = clamp((int)floor(W * invScale + 0.5f), -128, 127)``.
-* ``nvdla/sw`` ``engine-ast/SDPNode.cpp`` (``SDPBiasOpNode::scaleBiasToInt16``):
-  ``b_q = (int)floor(b / (S_in * S_w[k]) + 0.5f)`` in float32; the SDP then holds the
-  bias as int16 with one common left shift
-  ``shift = min(16, max(0, ceil(log2 |b_max|) + 1 - 16))``, ``b16 = b_q >> shift``
-  (``SDP_LEFT_SHIFT_MAX_PLACES = 16``); precision.rst's "Shifter" adds ``b16 << shift``.
-* ``nvdla/sw`` ``engine-ast/ConvCoreNode.cpp`` (``tryToMergeWithBatchNormOp`` /
-  ``tryToMergeWithScaleOp``, enabled by ``canSDPMergeMathOps``, i.e. the fast-math
-  profile): a BatchNorm / Scale after a convolution is folded into the kernel weights
-  and a bias.
+Design notes and the facts behind them: ``docs/nvdla.md``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """Accuracy verification: FP32 against INT8 (fake-quant and NVDLA integer) on labelled data.
 
-TensorRT's ``sampleINT8`` "verifies the output": it runs the network in FP32 and in INT8
-on images it did not calibrate on and compares top-1 / top-5 accuracy. :func:`evaluate`
-does the same for a PyTorch model: it calibrates once (one histogram pass) and re-picks
-each strategy's ranges from the same histograms
-(:meth:`~torch_nvdla.CalibrationTable.with_method`), then measures FP32 once and every
-``strategy x simulation`` pair under :func:`~torch_nvdla.sim.simulate.int8_simulation`.
-
-Accuracy is ``100 * correct / images``; an image is top-k correct when its label is among
-the ``k`` largest outputs (``argmax`` for top-1: ties go to the lowest class index, as
-a consumer of the int8 logits would see them). Calibration and evaluation images must be
-disjoint: every calibration sample is hashed and an evaluation sample with the same bytes
-is an error (``check_disjoint=False`` reports it instead).
+Design notes and the facts behind them: ``docs/sim.md``.
 """
 
 from __future__ import annotations

@@ -1,28 +1,6 @@
 """Layer-by-layer accuracy-drop sweep: which layers cost accuracy in INT8, and what to keep in FP16.
 
-Like the Sophgo calibration tool's ``int8_layer`` sweep, on the simulated NVDLA graph
-(:mod:`torch_nvdla.sim.simulate`, placement ``"nvdla"``): a **layer** is one NVDLA operation
-after the fast-math fusions, so a convolution switches together with the BatchNorm and
-ReLU folded into it, and an element-wise sum with its ReLU.
-
-* **cumulative**: layers turn INT8 one at a time in network order; the accuracy after
-  each step shows where the drop accumulates (the last step is the whole network in INT8).
-* **isolated**: each layer alone in INT8, everything else FP32: its own sensitivity.
-
-A layer in INT8 reads its inputs quantized at their scales, computes in INT8 (fake-quant
-or NVDLA integer) and writes at its output scale; an FP32 layer runs the module as written.
-
-Cost. One calibration (or a given table), then per batch: one FP32 pass whose every
-call's output is kept, and for each step only the calls that can change are recomputed
--- the changed layer and everything downstream of it (:meth:`SimulationPlan.downstream`);
-every other call returns its kept output without running. The cumulative sweep keeps each
-step's outputs as the next step's starting point. Kept outputs that a later in-place
-operation modified (their version counter moved) are recomputed, never reused.
-
-The suggested **fallback** list (layers to run in FP16) is built greedily from the most
-sensitive layers (isolated drop, else the cumulative step's change) and verified: each
-candidate list is measured with every other layer INT8, until the drop is within the
-budget. Fallback layers are simulated in FP32 (FP16's own rounding is not modelled).
+Design notes and the facts behind them: ``docs/sim.md``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Real data sets for calibration and evaluation: MNIST, CIFAR-10 (JPEG) and sklearn digits.
 
-The loaders return raw pixels (``uint8`` tensors) and ``int64`` labels; the
-``preprocess_*`` functions turn them into the float NCHW inputs each built-in model
-expects. Nothing here needs torchvision: IDX files are parsed by hand, JPEGs are
-decoded with Pillow, archives are read with :mod:`tarfile` / :mod:`gzip`.
-
-Calibration and evaluation images are always disjoint:
-
-* MNIST (10000 test images): calibration = images ``0..499``, evaluation = the
-  other 9500.
-* CIFAR-10 JPEG test set (1000 per class): calibration = the first
-  ``CIFAR10_CALIB_PER_CLASS`` (50) files of every class (500 in all), evaluation =
-  the other 9500.
-* sklearn digits (1797 images): a fixed permutation drawn with
-  ``numpy.random.RandomState(DIGITS_SPLIT_SEED)`` (NumPy guarantees that legacy
-  stream across versions); its first 1200 positions are the training set (used only
-  by ``scripts/train_digits.py``), the next 200 the calibration set and the last 397
-  the evaluation set.
+Design notes and the facts behind them: ``docs/zoo.md``.
 """
 
 from __future__ import annotations
