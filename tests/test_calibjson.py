@@ -76,7 +76,7 @@ def test_lenet_calib_json_keys_are_the_prototxt_layers_and_check_passes(lenet_ru
     assert obj["data"]["scale"] == pytest.approx(table["data"].amax / 127)
     assert obj["data"]["scale"] * 127 <= 255 / 256 + 1e-7  # input is pixel/256
     assert read_calib_json(report.path) == {k: v["scale"] for k, v in obj.items()}
-    result = check_calib_json(report.path, folder / "lenet.prototxt", weights=folder / "lenet_iter_10000.npz")
+    result = check_calib_json(report.path, folder / "lenet.prototxt", blobs=folder / "lenet_iter_10000.npz")
     assert result.ok, [f for f in result.findings if f.level == "error"]
     assert not [f for f in result.findings if f.level == "warning"]
     requant = {f.layer for f in result.findings if f.rule == "requant"}
@@ -85,7 +85,7 @@ def test_lenet_calib_json_keys_are_the_prototxt_layers_and_check_passes(lenet_ru
 
 def test_lenet_quantized_weights_use_the_compiler_formula(lenet_run, tmp_path):
     model, table, names, report, folder = lenet_run
-    summary = export_quantized_weights(model, table, names, tmp_path / "w", mode="per-kernel")
+    summary = export_quantized_weights(model, table, names, tmp_path / "w", weights="per-kernel")
     assert [s["layer"] for s in summary] == ["conv1", "conv2", "ip1", "ip2"]
     by = {s["layer"]: s for s in summary}
     # S_in of each layer is the calib.json entry of its producer (conv2 <- pool1, ip1 <- pool2)
@@ -101,14 +101,14 @@ def test_lenet_quantized_weights_use_the_compiler_formula(lenet_run, tmp_path):
         assert np.array_equal(z["conv2.weight_q"], qw.q.numpy())
         assert np.array_equal(z["conv2.bias_q"], quantize_bias(model.conv2.bias, report.scales["pool1"], qw.scale).numpy())
     assert json.loads((tmp_path / "w" / "weights.json").read_text())[0]["module"] == "conv1"
-    per_filter = export_quantized_weights(model, table, names, tmp_path / "pf", mode="per-filter")
+    per_filter = export_quantized_weights(model, table, names, tmp_path / "pf", weights="per-filter")
     assert len(per_filter[0]["scales"]) == 20
 
 
 def test_compiler_facts_golden_requantization(shared_data, tmp_path):
     folder = shared_data / "caffe-lenet-mnist"
     path = _write(tmp_path / "calib.json", _calib(FACTS_TABLE))
-    result = check_calib_json(path, folder / "lenet.prototxt", weights=folder / "lenet_iter_10000.npz")
+    result = check_calib_json(path, folder / "lenet.prototxt", blobs=folder / "lenet_iter_10000.npz")
     assert result.ok
     got = {}
     for f in result.findings:
@@ -116,7 +116,7 @@ def test_compiler_facts_golden_requantization(shared_data, tmp_path):
             m, t = f.message.rsplit("->", 1)[1].split("(")[0].split(">>")
             got[f.layer] = (int(m), int(t))
     assert got == FACTS_M_T
-    basic = check_calib_json(path, folder / "lenet.prototxt", weights=folder / "lenet_iter_10000.npz", profile="basic")
+    basic = check_calib_json(path, folder / "lenet.prototxt", blobs=folder / "lenet_iter_10000.npz", profile="basic")
     relu = [f for f in basic.findings if f.layer == "relu1" and f.rule == "requant"]
     assert relu and relu[0].message.endswith("16384 >> 14")  # the extra SDP rescale, ratio 1
 
@@ -166,7 +166,7 @@ def test_resnet18_export_and_folded_weights(tmp_path):
     table, names = calibrate_for_nvdla(model, [torch.randn(2, 3, 64, 64)], method="minmax", progress=False)
     report = export_calib_json(table, tmp_path / "r18.json", names)
     assert len(report.scales) == 90 and "res3a_branch1" in report.scales
-    summary = export_quantized_weights(model, table, names, tmp_path / "w", fold_bn=True)
+    summary = export_quantized_weights(model, table, names, tmp_path / "w", fold_batchnorm=True)
     by = {s["layer"]: s for s in summary}
     assert len(by) == 21 and by["res2a_branch2a"]["folded_bn"] == "layer1.0.bn1"
     assert by["res2a_branch2a"]["input"] == "pool1" and by["res2a_branch2b"]["input"] == "res2a_branch2a_relu"
@@ -189,7 +189,7 @@ def test_export_refuses_missing_layers_and_names_them(tmp_path):
 
 def test_export_generic_names_mapping_and_uppercase_warning(tmp_path):
     table = _table({"data": 1.0, "conv": 2.0, "pool": 1.5})
-    report = export_calib_json(table, tmp_path / "Calib.json", {"conv": "conv1"}, quiet=True)
+    report = export_calib_json(table, tmp_path / "Calib.json", {"conv": "conv1"}, show=False)
     assert list(report.scales) == ["data", "conv1", "pool"]
     assert any(f.rule == "uppercase-path" for f in report.findings)
 

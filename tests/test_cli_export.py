@@ -43,7 +43,7 @@ def test_export_and_check_caffe_lenet_end_to_end(shared_data, tmp_path, capsys):
     assert "\n(Unnamed Layer* 4) [Fully Connected]_output: " in trt and "\nrelu1: " not in trt  # TensorRT's names
 
     rc = main(["check", str(out), "--prototxt", str(folder / "lenet.prototxt"),
-               "--weights", str(folder / "lenet_iter_10000.npz"), "--json"])
+               "--blobs", str(folder / "lenet_iter_10000.npz"), "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] and result["errors"] == 0 and result["layers"] == 9

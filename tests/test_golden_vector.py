@@ -103,7 +103,7 @@ def _check(capsys, calib, prototxt, *extra):
 def test_check_accepts_the_golden_table_and_prints_its_multipliers(lenet_dir, tmp_path, capsys):
     calib = tmp_path / "calib.json"
     _write(calib, calib_json_object(GOLDEN_SCALES))
-    rc, result = _check(capsys, calib, lenet_dir / "lenet.prototxt", "--weights", str(lenet_dir / "lenet_iter_10000.npz"))
+    rc, result = _check(capsys, calib, lenet_dir / "lenet.prototxt", "--blobs", str(lenet_dir / "lenet_iter_10000.npz"))
     assert rc == 0 and result["ok"] and result["layers"] == 9
     requant = {f["layer"]: f["message"] for f in result["findings"] if f["rule"] == "requant"}
     for name, (_, _, m, t) in GOLDEN_MT.items():

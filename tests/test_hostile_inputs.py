@@ -435,7 +435,7 @@ def test_weights_npz_problems_are_named(tmp_path, capsys, content, problem):
         load_weight_blobs(path)
     calib = tmp_path / "calib.json"
     calib.write_text('{"data": {"scale": 0.1}}')
-    rc, out = _cli(capsys, "check", calib, "--weights", path)
+    rc, out = _cli(capsys, "check", calib, "--blobs", path)
     assert rc == 1 and problem.split()[0] in out and "Traceback" not in out
 
 

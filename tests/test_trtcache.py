@@ -76,7 +76,7 @@ def test_sample_int8_line_reads(tmp_path):
 
 def test_round_trip_table_to_cache_to_calib_json(tmp_path, lenet_proto):
     table = CalibrationTable({k: TapRange(k, v, "entropy") for k, v in AMAX.items()})
-    cache_path = write_trt_cache(tmp_path / "lenet.cache", table, names=caffe_lenet_names(), version=7000)
+    cache_path = write_trt_cache(table, tmp_path / "lenet.cache", names=caffe_lenet_names(), version=7000)
     text = cache_path.read_text()
     assert text.splitlines()[0] == "TRT-7000-EntropyCalibration2" and text.endswith("\n")
     cache = read_trt_cache(cache_path)
@@ -88,7 +88,7 @@ def test_round_trip_table_to_cache_to_calib_json(tmp_path, lenet_proto):
     assert list(back) == LENET and back == {k: _f32(v / 127.0) for k, v in AMAX.items()}
     assert conv.unplaced == {} and conv.missing == ()
     # a mapping of tensor -> amax (what the ONNX exporter passes), default version header
-    plain = write_trt_cache(tmp_path / "plain.cache", {"input": 1.0, "/conv1/Conv_output_0": 3.5})
+    plain = write_trt_cache({"input": 1.0, "/conv1/Conv_output_0": 3.5}, tmp_path / "plain.cache")
     assert plain.read_text() == (f"TRT-8601-EntropyCalibration2\ninput: {float32_hex(1 / 127)}\n"
                                  f"/conv1/Conv_output_0: {float32_hex(3.5 / 127)}\n")
 
@@ -260,7 +260,7 @@ def test_write_with_prototxt_uses_tensorrt_names_and_converts_back(tmp_path, len
     assert trt_tensor_names(lenet_proto)["relu1"] == "ip1"
     assert trt_tensor_names(lenet_proto)["ip1"] == "(Unnamed Layer* 4) [Fully Connected]_output"
     table = CalibrationTable({k: TapRange(k, v, "entropy") for k, v in AMAX.items()})
-    path = write_trt_cache(tmp_path / "trt.cache", table, names=caffe_lenet_names(), prototxt=lenet_proto)
+    path = write_trt_cache(table, tmp_path / "trt.cache", names=caffe_lenet_names(), prototxt=lenet_proto)
     cache = read_trt_cache(path)
     assert cache.scales["ip1"] == _f32(AMAX["relu1"] / 127)
     assert cache.scales["(Unnamed Layer* 4) [Fully Connected]_output"] == _f32(AMAX["ip1"] / 127)

@@ -11,7 +11,7 @@ HELP = "check a calib.json against a deploy prototxt and the NVDLA compiler's ru
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("calib", help="the calib.json, as it will be passed to the compiler's --calibtable")
     p.add_argument("--prototxt", default=None, help="the deploy prototxt the compiler will read")
-    p.add_argument("--weights", default=None, metavar="BLOBS.npz",
+    p.add_argument("--blobs", default=None, metavar="BLOBS.npz",
                    help="Caffe blobs as .npz (<layer>.weight): exact requantization m >> t per layer")
     p.add_argument("--profile", default="fast-math", choices=["fast-math", "basic"], help="compiler profile (default fast-math)")
     p.add_argument("--quiet", action="store_true", help="hide info rows")
@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from ..nvdla.calibjson import check_calib_json, print_findings
     from ..utils.console import say
 
-    result = check_calib_json(args.calib, args.prototxt, weights=args.weights, profile=args.profile)
+    result = check_calib_json(args.calib, args.prototxt, blobs=args.blobs, profile=args.profile)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -31,8 +31,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt-prototxt", default=None,
                    help="write the cache with the tensor names TensorRT gives this deploy prototxt's blobs")
     p.add_argument("--weights-dir", default=None, help="also write quantized weights (weights.npz + weights.json) here")
-    p.add_argument("--weight-mode", default="per-kernel", choices=["per-kernel", "per-filter"])
-    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorms into the preceding conv before quantizing")
+    p.add_argument("--weights", default="per-kernel", choices=["per-kernel", "per-filter"],
+                   help="weight quantization of --weights-dir (default per-kernel, the compiler's)")
+    p.add_argument("--fold-batchnorm", action="store_true", help="fold BatchNorms into the preceding conv before quantizing")
     p.add_argument("--json", action="store_true", help="print the written scales and the findings as JSON on stdout")
 
 
@@ -61,19 +62,19 @@ def run(args: argparse.Namespace) -> int:
     if args.save_table:
         table.save(args.save_table)
     report = export_calib_json(table, args.output, names, eltwise=args.eltwise, allow_missing=args.allow_missing,
-                               quiet=args.json)
+                               show=not args.json)
     extra = {}
     if args.trt_cache:
         from ..nvdla.trtcache import write_trt_cache
 
         kw = {} if args.trt_version is None else {"version": args.trt_version}
-        write_trt_cache(args.trt_cache, report.ranges.amax, prototxt=args.trt_prototxt, **kw)
+        write_trt_cache(report.ranges.amax, args.trt_cache, prototxt=args.trt_prototxt, **kw)
         extra["trt_cache"] = args.trt_cache
     if args.weights_dir:
         from ..nvdla.export_weights import export_quantized_weights
 
-        summary = export_quantized_weights(model, table, names, args.weights_dir, mode=args.weight_mode,
-                                           fold_bn=args.fold_bn, eltwise=args.eltwise)
+        summary = export_quantized_weights(model, table, names, args.weights_dir, weights=args.weights,
+                                           fold_batchnorm=args.fold_batchnorm, eltwise=args.eltwise)
         extra["weights"] = {"dir": args.weights_dir, "layers": len(summary)}
     if args.json:
         print(json.dumps({"path": str(report.path), "preset": names.preset, "scales": report.scales, **extra,

@@ -1232,7 +1232,7 @@ def export_caffe(
         atomic_write_text(final["prototxt"], text)
         atomic_write_bytes(final["caffemodel"], data)
         if table is not None:
-            report = export_calib_json(table, final["calib"], nv, eltwise=eltwise, quiet=True)
+            report = export_calib_json(table, final["calib"], nv, eltwise=eltwise, show=False)
     if report is not None:
         from ..utils.console import say
 

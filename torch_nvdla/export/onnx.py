@@ -809,7 +809,7 @@ def _write_cache(path: Path, amax: Mapping[str, float], trt_version: str | None)
     from ..nvdla.trtcache import write_trt_cache
 
     kwargs = {} if trt_version is None else {"version": trt_version}
-    write_trt_cache(path, dict(amax), **kwargs)
+    write_trt_cache(dict(amax), path, **kwargs)
     return Path(path)
 
 

@@ -498,7 +498,7 @@ def uppercase_path_finding(path: Any, level: str) -> Finding | None:
 
 
 def export_calib_json(table, path: str | os.PathLike, names: NvdlaNames | Mapping | Callable | None = None, *,
-                      eltwise: str = "report", allow_missing: bool = False, quiet: bool = False) -> ExportReport:
+                      eltwise: str = "report", allow_missing: bool = False, show: bool = True) -> ExportReport:
     """Write the calib.json the NVDLA compiler reads with ``--calibtable``.
 
     Deterministic: layers in network order, native Python floats (``scale = amax / 127``,
@@ -517,7 +517,7 @@ def export_calib_json(table, path: str | os.PathLike, names: NvdlaNames | Mappin
             them to the largest.
         allow_missing: write without the layers that have no tap (the compiler will abort
             on them; they are reported as errors) instead of raising.
-        quiet: do not print the path warning.
+        show: print the upper-case path warning.
 
     Returns:
         An :class:`ExportReport`.
@@ -543,7 +543,7 @@ def export_calib_json(table, path: str | os.PathLike, names: NvdlaNames | Mappin
     up = uppercase_path_finding(path, "warning")
     if up is not None:
         findings.append(up)
-        if not quiet:
+        if show:
             say(f"[yellow]warning:[/] {up.message}")
     written = atomic_write_json(path, obj)
     return ExportReport(written, scales, ranges, findings)
@@ -887,14 +887,14 @@ class CheckResult:
 
 
 def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None = None, *,
-                     weights: Mapping[str, Any] | str | os.PathLike | None = None,
+                     blobs: Mapping[str, Any] | str | os.PathLike | None = None,
                      profile: str = "fast-math") -> CheckResult:
     """Check a calib.json the way the NVDLA compiler will use it.
 
     Reported as **errors** (the compiler fails, or the network comes out mis-scaled):
     every prototxt layer (and legacy input) with no entry; zero, negative, non-finite or
     wrong-typed scales and non-object entries; requantization ratios the compiler cannot
-    represent (:func:`representability_findings`; exact with ``weights``); a pool whose
+    represent (:func:`representability_findings`; exact with ``blobs``); a pool whose
     entry differs from its producer's; a concat whose inputs / output differ; a path with
     upper-case letters (the compiler lowercases it and aborts). **Warnings**: keys that
     match no layer (ignored by the compiler), duplicate keys, min/max entries,
@@ -905,7 +905,7 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
         path: the calib.json, as it will be passed to the compiler (checked for
             upper-case letters as given).
         prototxt: the deploy prototxt the compiler will read.
-        weights: layer name -> weight array, or an ``.npz`` of Caffe blobs
+        blobs: layer name -> weight array, or an ``.npz`` of Caffe blobs
             (:func:`load_weight_blobs`), for exact ``m >> t``.
         profile: ``"fast-math"`` (the compiler's default) or ``"basic"``.
 
@@ -913,8 +913,8 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
         FileNotFoundError / FileFormatError: the calib.json or prototxt cannot be read
             at all (structural problems; per-entry problems are findings).
     """
-    if isinstance(weights, (str, os.PathLike)):
-        weights = load_weight_blobs(weights)  # a bad file is an error even without a prototxt
+    if isinstance(blobs, (str, os.PathLike)):
+        blobs = load_weight_blobs(blobs)  # a bad file is an error even without a prototxt
     scan = scan_calib_json(path)
     findings = list(scan.findings)
     up = uppercase_path_finding(path, "error")
@@ -953,8 +953,8 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
                                     _where(scan.path, entry.line), entry.line))
     _, rule_findings, _ = apply_nvdla_rules(layers, scales, fix=False)
     wmap: dict[str, float] = {}
-    if weights is not None:
-        blobs = load_weight_blobs(weights) if isinstance(weights, (str, os.PathLike)) else dict(weights)
+    if blobs is not None:
+        blobs = dict(blobs)
         wmap = {k: _weight_scale(v) for k, v in blobs.items() if k in names}
     rep = representability_findings(layers, scales, weight_scales=wmap, profile=profile)
     for f in rule_findings + rep:

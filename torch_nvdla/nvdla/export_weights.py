@@ -44,7 +44,7 @@ def _bn_after(layers: dict[str, LayerName], consumers: dict[str, list[str]], con
 
 
 def export_quantized_weights(model: nn.Module, table, names: NvdlaNames, out_dir: str | os.PathLike, *,
-                             mode: str = "per-kernel", fold_bn: bool = False, eltwise: str = "report",
+                             weights: str = "per-kernel", fold_batchnorm: bool = False, eltwise: str = "report",
                              stem: str = "weights") -> list[dict[str, Any]]:
     """Quantize every conv / fc layer the compiler's way and write ``.npz`` + JSON summary.
 
@@ -61,8 +61,8 @@ def export_quantized_weights(model: nn.Module, table, names: NvdlaNames, out_dir
         names: the NVDLA names (:meth:`NvdlaNames.for_model`); conv / fc layers need a
             ``module`` and an input.
         out_dir: output folder (created).
-        mode: ``"per-kernel"`` (the compiler's default) or ``"per-filter"``.
-        fold_bn: fold a BatchNorm that follows a conv into its weights and bias first,
+        weights: ``"per-kernel"`` (the compiler's default) or ``"per-filter"``.
+        fold_batchnorm: fold a BatchNorm that follows a conv into its weights and bias first,
             as the compiler's fast-math profile does (``S_w`` is then taken after
             folding).
         eltwise: passed to the NVDLA rules (``"report"`` / ``"unify"``); use what the
@@ -116,7 +116,7 @@ def export_quantized_weights(model: nn.Module, table, names: NvdlaNames, out_dir
         w = weight.detach().float().cpu()
         b = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
         folded = None
-        if fold_bn:
+        if fold_batchnorm:
             bn_layer = _bn_after(by_name, consumers, layer)
             if bn_layer is not None:
                 bn = _module(model, bn_layer.module, bn_layer.name)
@@ -135,7 +135,7 @@ def export_quantized_weights(model: nn.Module, table, names: NvdlaNames, out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
-    summary = save_quantized_weights(out_dir / f"{stem}.npz", json_path, entries, mode=mode)
+    summary = save_quantized_weights(out_dir / f"{stem}.npz", json_path, entries, weights=weights)
     for item in summary:
         item.update(extra[item["layer"]])
     atomic_write_json(json_path, summary)

@@ -108,15 +108,15 @@ def trt_cache_text(amax: Mapping[str, float], *, version: str | int = DEFAULT_TR
     return "\n".join(lines) + "\n"
 
 
-def write_trt_cache(path: str | os.PathLike, amax, *, names=None, prototxt=None,
+def write_trt_cache(amax, path: str | os.PathLike, *, names=None, prototxt=None,
                     version: str | int = DEFAULT_TRT_VERSION, algorithm: str = "EntropyCalibration2") -> Path:
     """Write a TensorRT calibration cache, atomically.
 
     Args:
-        path: the cache file.
         amax: ``tensor -> amax`` (the scale written is ``amax / 127`` rounded to float32),
             or a :class:`~torch_nvdla.CalibrationTable`: its taps, or with ``names`` its
             NVDLA layer names after the NVDLA rules (:func:`~torch_nvdla.nvdla.calibjson.nvdla_ranges`).
+        path: the cache file.
         names: with a table: :class:`~torch_nvdla.nvdla.naming.NvdlaNames`, a mapping or a
             callable of names.
         prototxt: the deploy prototxt TensorRT will parse: NVDLA layer names are written

@@ -75,7 +75,7 @@ def _who(name: str | None) -> str:
     return f"layer {name!r}: " if name else ""
 
 
-def quantize_weight(w: torch.Tensor, mode: str = "per-kernel", *, name: str | None = None) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, weights: str = "per-kernel", *, name: str | None = None) -> QuantizedWeight:
     """Quantize a conv / FC weight to int8 with the NVDLA compiler's formula.
 
     Bit-exact emulation of ``WeightTrns::perKernelQuantizeWts`` /
@@ -102,7 +102,7 @@ def quantize_weight(w: torch.Tensor, mode: str = "per-kernel", *, name: str | No
         w: weight ``(K, ...)`` (conv ``(K, C/g, kh, kw)``, FC ``(K, C)``), any float
             dtype and device; it is rounded to float32 first (the compiler reads
             float32 blobs).
-        mode: ``"per-kernel"`` (one scale for the layer, the compiler's default) or
+        weights: ``"per-kernel"`` (one scale for the layer, the compiler's default) or
             ``"per-filter"`` (one scale per output channel, dim 0).
         name: the layer name, used in error messages.
 
@@ -110,10 +110,10 @@ def quantize_weight(w: torch.Tensor, mode: str = "per-kernel", *, name: str | No
         A :class:`QuantizedWeight` on ``w``'s device.
 
     Raises:
-        ValueError: unknown mode, empty or 0-d weight, or non-finite weights (the
+        ValueError: unknown granularity, empty or 0-d weight, or non-finite weights (the
             message names the layer and counts the bad values).
     """
-    mode = _norm_mode(mode)
+    mode = _norm_mode(weights)
     if not isinstance(w, torch.Tensor):
         w = torch.as_tensor(np.asarray(w))
     if w.dim() == 0 or w.numel() == 0:
@@ -323,11 +323,11 @@ def save_quantized_weights(
     path_npz: str | os.PathLike,
     summary_json_path: str | os.PathLike,
     layers: Mapping[str, tuple[torch.Tensor, torch.Tensor | None, float]],
-    mode: str = "per-kernel",
+    weights: str = "per-kernel",
 ) -> list[dict[str, Any]]:
     """Quantize every layer and write the int8 weights, scales and int32 biases.
 
-    For each ``name -> (weight, bias, s_in)``: ``quantize_weight(weight, mode)`` and
+    For each ``name -> (weight, bias, s_in)``: ``quantize_weight(weight, weights)`` and
     ``quantize_bias(bias, s_in, S_w)``. The ``.npz`` holds, per layer,
     ``<name>.weight_q`` (int8, the weight's shape), ``<name>.weight_scale`` (float32,
     0-d for per-kernel or ``(K,)`` for per-filter) and ``<name>.bias_q`` (int32 ``(K,)``;
@@ -340,7 +340,7 @@ def save_quantized_weights(
         path_npz: output ``.npz`` path (written exactly there; no suffix is added).
         summary_json_path: output JSON path.
         layers: ordered mapping of layer name to ``(weight, bias or None, s_in)``.
-        mode: ``"per-kernel"`` or ``"per-filter"``.
+        weights: ``"per-kernel"`` or ``"per-filter"``.
 
     Returns:
         The summary list that was written.
@@ -349,7 +349,7 @@ def save_quantized_weights(
         ValueError: no layers, a bad entry, or a layer that cannot be quantized; the
             message names the layer.
     """
-    mode = _norm_mode(mode)
+    mode = _norm_mode(weights)
     if not layers:
         raise ValueError("save_quantized_weights: no layers given")
     arrays: dict[str, np.ndarray] = {}
