@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             model(x)
         t_fp32 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = sweep(model, loader, table, order=args.order, simulation=args.simulation, weights=args.weights,
+    report = sweep(model, table, loader, order=args.order, simulation=args.simulation, weights=args.weights,
                    budget=args.budget, progress=sys.stderr.isatty())
     t_sweep = time.perf_counter() - t0
     report.print()

@@ -119,7 +119,7 @@ def test_sweep_replay_equals_direct_evaluation(digits, digits_table):
     model, data = digits
     ev = data.loader("evaluation", 100)
     for simulation in ("nvdla", "fake"):
-        report = sweep(model, ev, digits_table, order="both", simulation=simulation, progress=False)
+        report = sweep(model, digits_table, ev, order="both", simulation=simulation, progress=False)
         assert report.layers == ("conv1", "pool1", "conv2", "pool2", "fc1", "fc2")
         with int8_simulation(model, digits_table, mode=simulation, placement="nvdla", layers=()) as sim:
             sim.set_layers(())
@@ -160,7 +160,7 @@ def test_sweep_survives_in_place_ops_and_functional_adds(digits):
         ys = model(xs).argmax(1)
     ev = list(batches(xs, ys, 100))
     table = calibrate(model, batches(*data.calibration, 100), "minmax", progress=False)
-    report = sweep(model, ev, table, order="both", missing="fp32", progress=False)
+    report = sweep(model, table, ev, order="both", missing="fp32", progress=False)
     assert report.fp32 == 100.0
     with int8_simulation(model, table, mode="nvdla", layers=(), missing="fp32") as sim:
         for row in report.isolated:
@@ -179,7 +179,7 @@ def test_sweep_finds_the_damaged_layer_and_a_fallback_within_budget(digits, digi
     ranges = dict(digits_table.items())
     ranges["fc2"] = TapRange("fc2", ranges["fc2"].amax / 30, "damaged")
     damaged = CalibrationTable(ranges, digits_table.infos, None, {"method": "damaged"})
-    report = sweep(model, data.loader("evaluation", 100), damaged, order="both", budget=1.0, top_k=2,
+    report = sweep(model, damaged, data.loader("evaluation", 100), order="both", budget=1.0, top_k=2,
                    progress=False)
     assert report.sensitive[0] == "fc2"
     assert report.isolated[-1].drop > 5.0 and report.fp32 - report.int8 > 5.0
@@ -196,7 +196,7 @@ def test_sweep_finds_the_damaged_layer_and_a_fallback_within_budget(digits, digi
 
 def test_sweep_outputs_csv_json_png(tmp_path, digits, digits_table):
     model, data = digits
-    report = sweep(model, data.loader("evaluation", 200), digits_table, order="isolated", budget=0.0,
+    report = sweep(model, digits_table, data.loader("evaluation", 200), order="isolated", budget=0.0,
                    progress=False)
     paths = report.save(tmp_path / "sweep")
     rows = list(csv.DictReader(open(paths["csv"])))
@@ -212,13 +212,13 @@ def test_sweep_bad_options(digits, digits_table):
     model, data = digits
     ev = data.loader("evaluation", 100)
     with pytest.raises(CalibrationError, match="order"):
-        sweep(model, ev, digits_table, order="random")
+        sweep(model, digits_table, ev, order="random")
     with pytest.raises(CalibrationError, match="budget"):
-        sweep(model, ev, digits_table, budget=-1)
+        sweep(model, digits_table, ev, budget=-1)
     with pytest.raises(CalibrationError, match="calibration"):
-        sweep(model, ev, None)
+        sweep(model, None, ev)
     with pytest.raises(CalibrationError, match="labels"):
-        sweep(model, [data.evaluation[0][:10]], digits_table, progress=False)
+        sweep(model, digits_table, [data.evaluation[0][:10]], progress=False)
 
 
 # ------------------------------------------------------------------------------------------

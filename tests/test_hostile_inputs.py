@@ -469,7 +469,7 @@ def test_buffers_mutated_by_forward_are_restored():
         model(x)
     x2 = torch.randn(8, 1, 8, 8)
     evaluate(model, [(x, y)], [(x2, y)], methods=("minmax",), simulations=("fake",), progress=False)
-    sweep(model, [(x, y)], table, order="isolated", simulation="fake", progress=False)
+    sweep(model, table, [(x, y)], order="isolated", simulation="fake", progress=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert int(model.calls) == 0
 

@@ -13,7 +13,12 @@ first use (so ``import torch_nvdla`` needs neither onnx nor torchvision).
 
 from importlib import import_module as _import_module
 
-from .calib.calibrate import CalibConfig, calibrate
+from .calib.calibrate import (
+    CalibConfig,
+    CalibrationSession,
+    calibrate,
+    calibration_mode,
+)
 from .calib.histogram import Histogram, HistogramObserver
 from .calib.strategies import entropy_amax, minmax_amax, mse_amax, percentile_amax
 from .calib.table import CalibrationTable, TapRange
@@ -22,6 +27,7 @@ from .errors import (
     CalibrationError,
     FileFormatError,
     NonFiniteActivationError,
+    OutputError,
     TorchNvdlaError,
 )
 
@@ -29,7 +35,23 @@ __version__ = "0.1.0"
 
 #: public name -> the private module that defines it, imported on first access.
 _LAZY = {
+    "CaffeConversion": "export.caffe",
+    "CaffeExport": "export.caffe",
+    "CaffeNetModule": "caffe.importer",
+    "CheckResult": "nvdla.calibjson",
+    "EvaluationReport": "sim.evaluate",
+    "ExportReport": "nvdla.calibjson",
+    "Finding": "nvdla.calibjson",
     "NvdlaNames": "nvdla.naming",
+    "OnnxComparison": "export.onnx",
+    "OnnxExport": "export.onnx",
+    "QuantizedWeight": "nvdla.weights",
+    "Simulation": "sim.simulate",
+    "SimulationPlan": "sim.simulate",
+    "SweepReport": "sim.sweep",
+    "TapComparison": "export.onnx",
+    "TrtCache": "nvdla.trtcache",
+    "TrtConversion": "nvdla.trtcache",
     "calibrate_for_nvdla": "nvdla.naming",
     "check_calib_json": "nvdla.calibjson",
     "compare_with_onnxruntime": "export.onnx",
@@ -50,21 +72,40 @@ _LAZY = {
 
 __all__ = [
     "BN_NORMALIZED",
+    "CaffeConversion",
+    "CaffeExport",
+    "CaffeNetModule",
     "CalibConfig",
     "CalibrationError",
+    "CalibrationSession",
     "CalibrationTable",
+    "CheckResult",
     "DerivedTap",
+    "EvaluationReport",
+    "ExportReport",
     "FileFormatError",
+    "Finding",
     "Histogram",
     "HistogramObserver",
     "NonFiniteActivationError",
     "NvdlaNames",
+    "OnnxComparison",
+    "OnnxExport",
+    "OutputError",
+    "QuantizedWeight",
+    "Simulation",
+    "SimulationPlan",
+    "SweepReport",
+    "TapComparison",
     "TapInfo",
     "TapRange",
     "TapSelection",
     "TorchNvdlaError",
+    "TrtCache",
+    "TrtConversion",
     "calibrate",
     "calibrate_for_nvdla",
+    "calibration_mode",
     "check_calib_json",
     "compare_with_onnxruntime",
     "convert_trt_cache",

@@ -5,12 +5,13 @@ Design notes and the facts behind them: ``docs/calib.md``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from ..utils.console import progress_iter, say
 from .table import ZERO_TAP_AMAX, CalibrationTable, ranges_from_histograms
 from .taps import TapHooks, TapSelection
 
-__all__ = ["CalibConfig", "calibrate"]
+__all__ = ["CalibConfig", "CalibrationSession", "calibrate", "calibration_mode"]
 
 METHODS = ("entropy", "minmax", "percentile", "mse")
 #: Most bins per tap histogram (8 bytes each, per tap): beyond this memory, not resolution, rules.
@@ -204,9 +205,121 @@ def _try_cache(path: Path, key: dict, loader: Iterable, config: CalibConfig,
     return table
 
 
+class CalibrationSession:
+    """One calibration pass, as :func:`calibration_mode` yields it.
+
+    Every forward of the model inside the block streams its taps into histograms; when
+    the block ends without an error, :attr:`table` holds the ranges.
+
+    Attributes:
+        forwards: forward passes of the whole model observed so far.
+    """
+
+    def __init__(self, model: nn.Module, config: CalibConfig, progress: bool = True) -> None:
+        self.model = model
+        self.config = config
+        self.progress = progress
+        self.forwards = 0
+        self.hooks = TapHooks(model, config.taps, config.bins)
+        self._nonfinite: torch.Tensor | None = None  # a device flag: no host read per forward
+        self._table: CalibrationTable | None = None
+
+    @property
+    def table(self) -> CalibrationTable:
+        """The table (after the ``calibration_mode`` block)."""
+        if self._table is None:
+            raise CalibrationError("the table is ready when the calibration_mode block has ended")
+        return self._table
+
+    def _observe_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.forwards += 1
+        out = first_float_tensor(output)
+        if out is not None and out.numel():
+            bad = ~torch.isfinite(out).all()
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
+
+    def _finish(self) -> None:
+        model, config = self.model, self.config
+        if self.forwards == 0:
+            raise CalibrationError(f"no forward pass of {type(model).__name__} ran: nothing to calibrate on")
+        from .distributed import reduce_histograms
+
+        histograms = reduce_histograms({name: obs.histogram for name, obs in self.hooks.observers.items()})
+        if histograms and not any(h.numel for h in histograms.values()):
+            raise CalibrationError(f"no data: the {self.forwards} forward pass(es) held no elements (empty tensors); "
+                                   "no table was written")
+        ranges = ranges_from_histograms(histograms, config.method, config.overrides(), **config.strategy_options())
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise NonFiniteActivationError(
+                f"the output of {type(model).__name__} held NaN or Inf, computed after the last observed module "
+                "(in forward itself); fix the model or the data (no table was written)")
+        zero = [n for n, h in histograms.items() if h.numel and h.max_abs() == 0.0]
+        if zero and self.progress:
+            say(f"[yellow]{len(zero)} tap(s) saw only zeros, amax set to {ZERO_TAP_AMAX}: {', '.join(zero[:8])}[/]")
+        meta = {
+            "method": config.method,
+            "options": config.strategy_options(),
+            "overrides": config.overrides(),
+            "bins": config.bins,
+            "num_batches": self.forwards,
+            "skipped": self.hooks.skipped,
+            "reused": self.hooks.reused,
+            "model": type(model).__name__,
+        }
+        self._table = CalibrationTable(ranges, self.hooks.infos, {n: h.to("cpu") for n, h in histograms.items()},
+                                       meta)
+
+
+def _config(config: CalibConfig | None, **options) -> CalibConfig:
+    if config is not None:
+        return config
+    taps = options.pop("taps")
+    device = options.pop("device")
+    return CalibConfig(taps=taps if taps is not None else TapSelection(),
+                       device=None if device is None else str(device), **options)
+
+
+@contextlib.contextmanager
+def calibration_mode(
+    model: nn.Module,
+    method: str = "entropy",
+    *,
+    bins: int = 2048,
+    percentile: float = 99.99,
+    threshold: float | None = None,
+    taps: TapSelection | None = None,
+    input_method: str | None = "minmax",
+    progress: bool = True,
+    config: CalibConfig | None = None,
+) -> Iterator[CalibrationSession]:
+    """Observe every forward pass of ``model`` inside the block; the table is ready after it.
+
+    ``with calibration_mode(model) as cal: for x in loader: model(x)`` then ``cal.table``.
+    Inside the block the model is in eval mode under ``torch.no_grad()``; on exit its
+    modes, buffers and hooks are as before, also when the block raises (and then no
+    table is made). Options as :func:`calibrate`.
+
+    Raises:
+        CalibrationError: no forward pass ran, or every tensor was empty.
+        NonFiniteActivationError: NaN/Inf activations or outputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise CalibrationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = _config(config, method=method, bins=bins, percentile=percentile, threshold=threshold, taps=taps,
+                     input_method=input_method, device=None, num_batches=None)
+    session = CalibrationSession(model, config, progress)
+    handle = model.register_forward_hook(session._observe_output)
+    try:
+        with torch.no_grad(), eval_mode(model), session.hooks:
+            yield session
+    finally:
+        handle.remove()
+    session._finish()
+
+
 def calibrate(
     model: nn.Module,
-    loader: Iterable,
+    loader: Iterable | None = None,
     method: str = "entropy",
     *,
     num_batches: int | None = None,
@@ -220,6 +333,7 @@ def calibrate(
     input_method: str | None = "minmax",
     progress: bool = True,
     config: CalibConfig | None = None,
+    forward_loop: Callable[[nn.Module], Any] | None = None,
 ) -> CalibrationTable:
     """Calibrate ``model`` on ``loader``: one range (amax) per tap.
 
@@ -239,6 +353,8 @@ def calibrate(
             otherwise recalibrated and overwritten (TensorRT's readCalibrationCache).
         progress: show a rich progress bar.
         config: a :class:`CalibConfig` instead of the keyword options.
+        forward_loop: instead of a loader, ``forward_loop(model)`` runs the model on the
+            calibration data itself (modelopt's convention); every forward is observed.
 
     Returns:
         A :class:`CalibrationTable` (``table[tap].amax``, ``table[tap].scale``).
@@ -247,75 +363,57 @@ def calibrate(
         CalibrationError: empty loader, unsupported batch, bad option.
         NonFiniteActivationError: NaN/Inf activations (names the taps).
     """
-    if config is None:
-        config = CalibConfig(method=method, bins=bins, percentile=percentile, threshold=threshold,
-                             num_batches=num_batches, device=None if device is None else str(device),
-                             taps=taps if taps is not None else TapSelection(), input_method=input_method)
+    config = _config(config, method=method, bins=bins, percentile=percentile, threshold=threshold,
+                     num_batches=num_batches, device=device, taps=taps, input_method=input_method)
     if not isinstance(model, nn.Module):
         raise CalibrationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if (loader is None) == (forward_loop is None):
+        raise CalibrationError("give calibrate a loader or a forward_loop (one of them)")
+    if forward_loop is not None and cache is not None:
+        raise CalibrationError("cache= needs a loader: its batches are part of the cache key")
     key = _cache_key(model, config)
     if cache is not None:
         cached = _try_cache(Path(cache), key, loader, config, progress)
         if cached is not None:
             return cached
 
-    dev = torch.device(config.device) if config.device is not None else model_device(model)
-    batches = _batches(loader, config)
     data = _DataDigest() if cache is not None else None
+    with calibration_mode(model, config=config, progress=progress) as session:
+        if forward_loop is not None:
+            forward_loop(model)
+        else:
+            _run_loader(model, loader, config, forward, data, progress)
+    table = session.table
+    table.meta["cache_key"] = key
+    if data is not None:
+        key["data"] = data.value()
+    if cache is not None:
+        table.save(cache)
+    return table
+
+
+def _run_loader(model: nn.Module, loader: Iterable, config: CalibConfig, forward, data: _DataDigest | None,
+                progress: bool) -> None:
+    """Run the model on every batch (under a progress bar); a failing batch is named."""
+    dev = torch.device(config.device) if config.device is not None else model_device(model)
     total = config.num_batches
     if hasattr(loader, "__len__"):
         total = len(loader) if total is None else min(total, len(loader))
     seen = 0
-    nonfinite_output = None  # a device flag: no host read per batch
-    hooks = TapHooks(model, config.taps, config.bins)
-    with torch.no_grad(), eval_mode(model), hooks:
-        for i, batch in enumerate(progress_iter(batches, "calibrating", total, progress)):
-            if data is not None:
-                data.update(batch)
-            try:
-                out = forward(model, batch) if forward is not None else run_batch(model, batch, dev, i)
-            except TorchNvdlaError:
-                raise
-            except Exception as e:
-                if hasattr(e, "add_note"):  # the CLI prints it; the exception keeps its type
-                    e.add_note(f"while running {type(model).__name__} on batch {i} ({describe_batch(batch)})")
-                raise
-            seen += 1
-            out = first_float_tensor(out)
-            if out is not None and out.numel():
-                bad = ~torch.isfinite(out).all()
-                nonfinite_output = bad if nonfinite_output is None else nonfinite_output | bad.to(nonfinite_output.device)
+    for i, batch in enumerate(progress_iter(_batches(loader, config), "calibrating", total, progress)):
+        if data is not None:
+            data.update(batch)
+        try:
+            if forward is not None:
+                forward(model, batch)
+            else:
+                run_batch(model, batch, dev, i)
+        except TorchNvdlaError:
+            raise
+        except Exception as e:
+            if hasattr(e, "add_note"):  # the CLI prints it; the exception keeps its type
+                e.add_note(f"while running {type(model).__name__} on batch {i} ({describe_batch(batch)})")
+            raise
+        seen += 1
     if seen == 0:
         raise CalibrationError("the loader yielded no batches: nothing to calibrate on")
-    histograms = {name: obs.histogram for name, obs in hooks.observers.items()}
-
-    from .distributed import reduce_histograms
-
-    histograms = reduce_histograms(histograms)
-    if histograms and not any(h.numel for h in histograms.values()):
-        raise CalibrationError(f"no data: the {seen} batch(es) held no elements (empty tensors); no table was written")
-    ranges = ranges_from_histograms(histograms, config.method, config.overrides(), **config.strategy_options())
-    if nonfinite_output is not None and bool(nonfinite_output):
-        raise NonFiniteActivationError(
-            f"the output of {type(model).__name__} held NaN or Inf, computed after the last observed module "
-            "(in forward itself); fix the model or the data (no table was written)")
-    zero = [n for n, h in histograms.items() if h.numel and h.max_abs() == 0.0]
-    if zero and progress:
-        say(f"[yellow]{len(zero)} tap(s) saw only zeros, amax set to {ZERO_TAP_AMAX}: {', '.join(zero[:8])}[/]")
-    meta = {
-        "method": config.method,
-        "options": config.strategy_options(),
-        "overrides": config.overrides(),
-        "bins": config.bins,
-        "num_batches": seen,
-        "skipped": hooks.skipped,
-        "reused": hooks.reused,
-        "model": type(model).__name__,
-        "cache_key": key,
-    }
-    if data is not None:
-        key["data"] = data.value()
-    table = CalibrationTable(ranges, hooks.infos, {n: h.to("cpu") for n, h in histograms.items()}, meta)
-    if cache is not None:
-        table.save(cache)
-    return table

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         table = calibrate(model, data.loader("calibration", args.batch_size, limit=args.calib_images), args.method,
                           progress=not args.json)
     xs, ys = spread_subset(*data.split("evaluation"), args.images)
-    report = sweep(model, batches(xs, ys, args.batch_size), table, order=args.order,
+    report = sweep(model, table, batches(xs, ys, args.batch_size), order=args.order,
                    simulation=args.simulation, weights=args.weights, budget=args.budget, top_k=args.top_k,
                    missing=args.missing, progress=not args.json)
     paths = report.save(args.output, plot=not args.no_plot)

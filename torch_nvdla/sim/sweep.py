@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -217,10 +217,9 @@ def _reiterable(data: Iterable) -> Iterable:
 
 def sweep(
     model: nn.Module,
+    calibration,
     data: Iterable,
-    table=None,
     *,
-    calibration: Iterable | None = None,
     method: str = "entropy",
     order: str = "cumulative",
     simulation: str = "nvdla",
@@ -236,12 +235,11 @@ def sweep(
 
     Args:
         model: the model (left exactly as it was).
+        calibration: a :class:`~torch_nvdla.CalibrationTable`, or calibration batches to
+            calibrate on with ``method`` (once), as :func:`~torch_nvdla.evaluate` takes it.
         data: labelled batches ``(inputs, labels)``; iterated several times (a one-shot
             iterator is kept in memory).
-        table: the calibration table; ``None``: calibrate on ``calibration`` with
-            ``method`` (once).
-        calibration: calibration batches (when no table is given).
-        method: calibration strategy (when no table is given).
+        method: calibration strategy (when ``calibration`` is data).
         order: ``"cumulative"``, ``"isolated"`` or ``"both"``.
         simulation: ``"nvdla"`` (integer) or ``"fake"`` (fake-quant on the same graph).
         weights: ``"per-filter"`` or ``"per-kernel"``.
@@ -269,9 +267,11 @@ def sweep(
     if not isinstance(top_k, int) or top_k < 0:
         raise CalibrationError(f"top_k must be a non-negative integer, got {top_k!r}")
     SimulationConfig(mode=simulation, weights=weights, placement="nvdla", missing=missing)
-    if table is None:
-        if calibration is None:
-            raise CalibrationError("sweep needs a calibration table or calibration data (calibration=loader)")
+    if isinstance(calibration, Mapping):
+        table = calibration
+    elif calibration is None:
+        raise CalibrationError("sweep needs a calibration table or calibration data")
+    else:
         from ..calib.calibrate import calibrate
 
         table = calibrate(model, calibration, method, device=device, progress=progress)
