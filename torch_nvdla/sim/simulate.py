@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHT_MODES",
     "CallNode",
     "Layer",
+    "LayerRequant",
     "Simulation",
     "SimulationConfig",
     "SimulationPlan",
@@ -71,6 +72,25 @@ def _model_input(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -
 # ------------------------------------------------------------------------------------------
 # Configuration and plan
 # ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRequant:
+    """One layer's integer requantization (see :meth:`Simulation.requantization`).
+
+    Attributes:
+        layer: the layer (its first tap).
+        kind: ``conv``, ``fc``, ``eltwise`` or ``relu``.
+        m: the int16 multiplier, or one per output channel (per-filter).
+        t: the right shift.
+        bias: ``(int16 values per channel, left shift)`` for a conv / fc with a bias.
+    """
+
+    layer: str
+    kind: str
+    m: int | tuple[int, ...]
+    t: int
+    bias: tuple[tuple[int, ...], int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -827,8 +847,10 @@ class _ConvFC(_Runtime):
                 raise CalibrationError(str(e)) from None
             b16, shift = bias_int16_shift(bq)
             self.bias = b16.to(torch.int64) << shift
+            self.bias16 = (tuple(int(v) for v in b16.reshape(-1).tolist()), int(shift))
         else:
             self.bias = None
+            self.bias16 = None
         if sw.dim() == 0:
             r = rescale_ratio(s_in, float(sw), s_out, float32=True)
             self.m, self.t = _ratio_mt(r, layer.name)
@@ -1061,6 +1083,29 @@ class Simulation:
         self._input_fq: dict[str, float] = {}
 
     # -- public ------------------------------------------------------------------------
+    def requantization(self) -> tuple[LayerRequant, ...]:
+        """What the NVDLA integer simulation programs per layer, as the compiler prints it:
+        each rescaling layer's multiplier ``m`` (a tuple per filter in per-filter mode)
+        and shift ``t``, and a conv / fc's bias as int16 values with their left shift.
+
+        Raises:
+            CalibrationError: not in ``mode="nvdla"``, or no plan yet (no example given
+                and no forward run).
+        """
+        if self.config.mode != "nvdla":
+            raise CalibrationError("requantization() needs mode='nvdla'")
+        if self._plan is None:
+            raise CalibrationError("no plan yet: pass example= or run one forward first")
+        out = []
+        for i, rt in sorted(self._runtimes.items()):
+            m = getattr(rt, "m", None)
+            if m is None:
+                continue
+            layer = self._plan.layers[i]
+            m = tuple(int(v) for v in m.tolist()) if isinstance(m, torch.Tensor) else int(m)
+            out.append(LayerRequant(layer.name, layer.kind, m, int(rt.t), getattr(rt, "bias16", None)))
+        return tuple(out)
+
     @property
     def plan(self) -> SimulationPlan | None:
         """The plan (``None`` until the first forward when no example was given)."""

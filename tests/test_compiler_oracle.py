@@ -1,0 +1,115 @@
+"""The real NVDLA compiler as the oracle: every multiplier, shift and bias it programs for
+a network calibrated here must be the one the NVDLA-integer simulation applies.
+
+Skips where ``../shared/nvdla/compiler`` (or ``$TORCH_NVDLA_COMPILER``) is absent; every
+compiler run has a time limit.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+import pytest
+
+from torch_nvdla.nvdla.compiler import compile_caffe, find_compiler
+
+COMPILER = find_compiler(debugquant=True)
+pytestmark = [
+    pytest.mark.skipif(COMPILER is None, reason="the NVDLA compiler is not at ../shared/nvdla/compiler "
+                                                "(set $TORCH_NVDLA_COMPILER to its folder)"),
+    pytest.mark.usefixtures("one_thread"),
+]
+TIMEOUT = 120
+
+
+def _compiler_layers(result) -> list[tuple[int | tuple[int, ...], int]]:
+    """The compiler's conv / fc converters, one ``(m, t)`` per op (a tuple of m per filter)."""
+    out = []
+    for _, lines in groupby((r for r in result.requant if r.kind == "conv"), key=lambda r: r.op):
+        lines = list(lines)
+        assert len({r.t for r in lines}) == 1  # per-filter: one shared shift
+        ms = tuple(r.m for r in lines)
+        out.append((ms[0] if len(ms) == 1 else ms, lines[0].t))
+    return out
+
+
+def _sim_layers(requant, kinds=("conv", "fc")):
+    return [(r.m, r.t) for r in requant if r.kind in kinds]
+
+
+def _sim_biases(requant):
+    return [(v, r.bias[1]) for r in requant if r.kind in ("conv", "fc") and r.bias for v in r.bias[0]]
+
+
+@pytest.fixture(scope="module")
+def lenet(shared_data, tmp_path_factory):
+    """The BVLC LeNet (real caffemodel), calibrated here on MNIST, and its calib.json."""
+    from torch_nvdla.caffe.importer import import_caffe
+    from torch_nvdla.nvdla.calibjson import export_calib_json
+    from torch_nvdla.nvdla.naming import calibrate_for_nvdla
+    from torch_nvdla.zoo.registry import get_dataset
+
+    folder = shared_data / "caffe-lenet-mnist"
+    model = import_caffe(folder / "lenet.prototxt", folder / "lenet_iter_10000.caffemodel", input_shape=(1, 1, 28, 28))
+    data = get_dataset("mnist")
+    table, names = calibrate_for_nvdla(model, data.loader("calibration", 100, limit=300), "generic", progress=False)
+    calib = export_calib_json(table, tmp_path_factory.mktemp("lenet") / "calib.json", names, show=False).path
+    x = data.calibration[0][:8]
+    return model, table, folder, calib, x
+
+
+@pytest.mark.parametrize("weights", ["per-kernel", "per-filter"])
+def test_lenet_every_multiplier_shift_and_bias_equals_the_compilers(lenet, weights):
+    from torch_nvdla.sim.simulate import int8_simulation
+
+    model, table, folder, calib, x = lenet
+    result = compile_caffe(folder / "lenet.prototxt", folder / "lenet_iter_10000.caffemodel", calib,
+                           weights=weights, timeout=TIMEOUT)
+    assert result.ok, result.log[-2000:]
+    with int8_simulation(model, table, mode="nvdla", weights=weights, placement="nvdla", example=x) as sim:
+        requant = sim.requantization()
+    assert _compiler_layers(result) == _sim_layers(requant)
+    assert len(_compiler_layers(result)) == 4 and len(result.biases) == 20 + 50 + 500 + 10
+    assert [(b.q16, b.shift) for b in result.biases] == _sim_biases(requant)
+
+
+@pytest.mark.parametrize("profile, weights", [("basic", "per-kernel"), ("fast-math", "per-kernel")])
+@pytest.mark.parametrize("target", ["nv_full", "nv_small"])
+def test_lenet_compiles_for_every_target_and_profile(lenet, profile, weights, target):
+    model, table, folder, calib, x = lenet
+    result = compile_caffe(folder / "lenet.prototxt", folder / "lenet_iter_10000.caffemodel", calib,
+                           profile=profile, weights=weights, target=target, timeout=TIMEOUT)
+    assert result.ok, result.log[-2000:]
+
+
+def test_compile_caffe_reports_a_failure_and_a_missing_compiler(lenet, tmp_path, monkeypatch):
+    from torch_nvdla.errors import CalibrationError
+    from torch_nvdla.nvdla import compiler as comp
+
+    model, table, folder, calib, x = lenet
+    bad = tmp_path / "calib.json"
+    bad.write_text('{"data": {"scale": 0.1}}')  # every other key missing: the compiler aborts
+    result = compile_caffe(folder / "lenet.prototxt", folder / "lenet_iter_10000.caffemodel", bad, timeout=TIMEOUT)
+    assert not result.ok and result.returncode != 0
+    monkeypatch.setattr(comp, "find_compiler", lambda debugquant=False: None)
+    with pytest.raises(CalibrationError, match="compiler was not found"):
+        comp.compile_caffe(folder / "lenet.prototxt", folder / "lenet_iter_10000.caffemodel", calib)
+
+
+def test_parse_debugquant_reads_every_line_kind():
+    from torch_nvdla.nvdla.compiler import parse_debugquant
+
+    text = "\n".join([
+        "libnvdla<3> rawBias/Si*Sw -0.0180576 /  ( 0.00784326 * 0.00483075 ) = -476.593 -> -477 -> -477*2^-0",
+        "libnvdla<3> bias-0 Si * Sw / So = 0.00784326 * 0.00483075 / 0.019562 = 32495* 2^-24",
+        "libnvdla<3> bias-3 Si * Sw[k] / So = 0.0806471 * 0.00209765 / 0.218215 = 26012* 2^-25",
+        "libnvdla<3> sdp-bn-0 Si * V[k] / So = 0.0787402 * 0.411074 / 0.0239911 = 22104* 2^-14",
+        "libnvdla<3> Si / So = 0.0239911 / 0.0308501 = 25482* 2^-15",
+        "libnvdla<2> Overriding output multibatch size from 1 to 64",
+    ])
+    requant, biases = parse_debugquant(text)
+    assert [(r.op, r.kind, r.m, r.t) for r in requant] == [
+        ("bias-0", "conv", 32495, 24), ("bias-3", "conv", 26012, 25), ("sdp-bn-0", "bn", 22104, 14),
+        ("", "eltwise", 25482, 15)]
+    assert requant[3].s_in == 0.0239911 and requant[3].s_out == 0.0308501
+    assert [(b.q, b.q16, b.shift) for b in biases] == [(-477, -477, 0)]
