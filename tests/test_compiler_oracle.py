@@ -113,3 +113,46 @@ def test_parse_debugquant_reads_every_line_kind():
         ("", "eltwise", 25482, 15)]
     assert requant[3].s_in == 0.0239911 and requant[3].s_out == 0.0308501
     assert [(b.q, b.q16, b.shift) for b in biases] == [(-477, -477, 0)]
+
+
+@pytest.fixture(scope="module")
+def resnet20(shared_data, tmp_path_factory):
+    """CIFAR ResNet-20 (trained), calibrated here for the Caffe export, and its export."""
+    from torch_nvdla.calib.calibrate import calibrate
+    from torch_nvdla.export.caffe import caffe_tap_selection, export_caffe
+    from torch_nvdla.zoo.registry import get_dataset, get_model
+
+    model = get_model("cifar-resnet20")
+    data = get_dataset("cifar10")
+    x = data.calibration[0][:8]
+    table = calibrate(model, data.loader("calibration", 100, limit=200),
+                      taps=caffe_tap_selection(model, example_input=x[:2]), progress=False)
+    out = export_caffe(model, table, tmp_path_factory.mktemp("r20"), example_input=x)
+    return model, table, out, x
+
+
+def _ops(result):
+    """Every conv / fc and element-wise converter of the compiler, in order: (kind, m, t)."""
+    out = []
+    for (op, kind), lines in groupby((r for r in result.requant if r.kind != "bn"), key=lambda r: (r.op, r.kind)):
+        lines = list(lines)
+        out.append(("eltwise" if kind == "eltwise" else "conv", lines[0].m, lines[0].t))
+    return out
+
+
+def test_resnet20_every_multiplier_shift_and_bias_equals_the_compilers(resnet20):
+    """The element-wise rule as the compiler applies it: the operand created earlier in
+    the prototxt takes the later one's scale (identity blocks: the block input; option-A
+    blocks: the branch), so every conv, sum and bias matches (feature input: the image
+    input's first conv is compiled differently, see the next test)."""
+    from torch_nvdla.sim.simulate import int8_simulation
+
+    model, table, out, x = resnet20
+    result = compile_caffe(out.prototxt, out.caffemodel, out.calib_json, informat="nchw", timeout=TIMEOUT)
+    assert result.ok, result.log[-2000:]
+    with int8_simulation(model, table, mode="nvdla", weights="per-kernel", placement="nvdla", example=x) as sim:
+        requant = sim.requantization()
+    ours = [("eltwise" if r.kind == "eltwise" else "conv", r.m, r.t) for r in requant if r.kind in ("conv", "fc", "eltwise")]
+    assert len(ours) == 29 and sum(k == "eltwise" for k, _, _ in ours) == 9
+    assert _ops(result) == ours
+    assert [(b.q16, b.shift) for b in result.biases] == _sim_biases(requant) and result.biases

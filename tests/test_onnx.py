@@ -97,10 +97,11 @@ def test_nvdla_placement_graph(tiny, tmp_path):
     # Second call of the same ReLU is its own tensor; the Identity shares the first's.
     assert res.tensors["relu#1"] != res.tensors["relu"]
     assert res.aliases["shortcut"] == "relu"
-    # NVDLA placement: fused layers write once, the sum's first operand at the second's
-    # scale, the pool at its input's, softmax float.
+    # NVDLA placement: fused layers write once, the sum's earlier-created operand (the
+    # block input ``relu``, read through the Identity shortcut) at the later one's scale
+    # (``bn2``), the pool at its input's, softmax float.
     assert {q.tap: q.scale_tap for q in res.quantized} == {
-        "data": "data", "relu": "relu", "bn2": "relu", "relu#1": "relu#1", "pool": "relu#1", "fc": "fc"}
+        "data": "data", "relu": "bn2", "bn2": "bn2", "relu#1": "relu#1", "pool": "relu#1", "fc": "fc"}
     assert "softmax" in res.not_quantized["prob"]
     assert "fused" in res.not_quantized["bn1"]
     q, dq = _nodes(loaded, "QuantizeLinear"), _nodes(loaded, "DequantizeLinear")

@@ -345,11 +345,14 @@ def test_plan_fuses_and_applies_pool_and_eltwise_rules():
     table = calibrate(model, [x], "minmax", progress=False)
     plan = plan_simulation(model, table, x, mode="nvdla")
     layers = {layer.name: layer for layer in plan.layers}
-    assert layers["stem"].taps == ("stem", "stem_relu") and layers["stem"].output_tap == "stem_relu"
+    # The sum's operand created earlier (the block input, stem+relu, read through the
+    # Identity shortcut) is written at the later one's scale (conv2+bn2), for every
+    # reader: conv1 reads it at that scale too (the compiler's rule).
+    assert layers["stem"].taps == ("stem", "stem_relu") and layers["stem"].output_tap == "bn2"
     assert layers["conv1"].taps == ("conv1", "bn1", "relu1") and layers["conv1"].output_tap == "relu1"
-    # conv2+bn2 feeds the sum as its first input: it writes at the second input's scale
-    assert layers["conv2"].taps == ("conv2", "bn2") and layers["conv2"].output_tap == "stem_relu"
-    assert layers["add"].taps == ("add", "relu2") and layers["add"].input_taps == ("stem_relu", "stem_relu")
+    assert layers["conv1"].input_taps == ("bn2",)
+    assert layers["conv2"].taps == ("conv2", "bn2") and layers["conv2"].output_tap == "bn2"
+    assert layers["add"].taps == ("add", "relu2") and layers["add"].input_taps == ("bn2", "bn2")
     assert layers["add"].output_tap == "relu2"
     assert layers["pool"].input_taps == ("relu2",) and layers["pool"].output_tap == "relu2"
     assert layers["fc"].input_taps == ("relu2",)
@@ -487,13 +490,17 @@ def test_cifar_resnet20_graph_and_int8_agreement(shared_data):
         plan = sim.plan
         out = model(xs)
         ref_layers = plan.layer_names
-    assert len(plan.layers) == 30 and ref_layers[0] == "conv1"
-    down = plan.layer("layer2.0.add")  # option-A shortcut: subsample + zero channels keeps its input's scale
-    assert down.input_taps == ("layer1.2.relu2", "layer1.2.relu2") and down.output_tap == "layer2.0.relu2"
-    assert plan.layer("layer2.0.conv2").output_tap == "layer1.2.relu2"  # the element-wise rule
+    assert len(plan.layers) == 32 and ref_layers[0] == "conv1"
+    # option-A shortcut: exported as a 1x1 conv, a layer created after the branch: the
+    # branch (created earlier) writes at the shortcut's scale (the compiler's rule)
+    down = plan.layer("layer2.0.add")
+    assert down.input_taps == ("layer2.0.shortcut", "layer2.0.shortcut") and down.output_tap == "layer2.1.bn2"
+    assert plan.layer("layer2.0.conv2").output_tap == "layer2.0.shortcut"
     assert plan.layer("layer2.0.conv1").taps == ("layer2.0.conv1", "layer2.0.bn1", "layer2.0.relu1")
+    # identity blocks: the block input (created earlier) takes the branch's scale
+    assert plan.layer("layer1.0.add").input_taps == ("layer1.0.bn2", "layer1.0.bn2")
     assert plan.layer("avgpool").input_taps == ("layer3.2.relu2",)
-    assert plan.calls[plan.call_index("layer2.0.shortcut")].kind == "pass"
+    assert plan.calls[plan.call_index("layer2.0.shortcut")].kind == "generic"
     with torch.no_grad():
         ref = model(xs)
     assert (out.argmax(1) == ref.argmax(1)).double().mean() >= 0.9

@@ -32,6 +32,7 @@ from ..caffe.prototxt import CaffeLayer, CaffeNet, EnumValue, Message, parse_pro
 from ..calib.taps import BN_NORMALIZED, TapSelection
 from ..errors import TorchNvdlaError
 from ..model.state import eval_mode
+from ..nvdla.naming import PAD_SHORTCUT
 
 __all__ = [
     "CaffeConversion",
@@ -55,13 +56,6 @@ class CaffeExportError(TorchNvdlaError, ValueError):
 # ---------------------------------------------------------------------------------------
 # Tracing with tap names
 # ---------------------------------------------------------------------------------------
-
-
-#: A module whose ``nvdla_export`` attribute is this value is a channel-padding strided
-#: shortcut (``in_planes``, ``out_planes``, ``stride``): keep every ``stride``-th pixel and
-#: zero-pad the channels evenly before and after (the CIFAR ResNets' option A). It is
-#: exported as a fixed 1x1 convolution.
-PAD_SHORTCUT = "pad-shortcut"
 
 
 def _is_pad_shortcut(m: nn.Module) -> bool:

@@ -117,8 +117,9 @@ def apply_nvdla_rules(layers: Sequence[LayerName], values: Mapping[str, float], 
 
     Rules (``COMPILER_FACTS.md``): a pool's range equals its producer's; a concat's inputs
     and output share one range (the largest, so nothing clips); an element-wise layer's
-    inputs with different ranges are reported (the compiler overwrites the first input's
-    scale with the second's) or, with ``eltwise="unify"``, all set to the largest. Fixes
+    inputs with different ranges are reported (the compiler gives the input created
+    earlier in the network the scale of the one created later) or, with
+    ``eltwise="unify"``, all set to the largest. Fixes
     are applied until nothing changes, pools last, so a pool always ends equal to its
     producer.
 
@@ -151,6 +152,7 @@ def apply_nvdla_rules(layers: Sequence[LayerName], values: Mapping[str, float], 
         return [n for n in names if n in vals]
 
     by_name = {layer.name: layer for layer in layers}
+    order = {layer.name: i for i, layer in enumerate(layers)}
 
     def anchor(name: str) -> str:
         """The layer a pool chain takes its range from (raising a pool means raising it)."""
@@ -192,9 +194,11 @@ def apply_nvdla_rules(layers: Sequence[LayerName], values: Mapping[str, float], 
                             changed |= set_value(i, target, "eltwise")
                         once(Finding("info", "eltwise", layer.name, f"inputs unified to the largest range {target:.6g} (were {desc})"))
                     else:
+                        early, late = sorted(ins[:2], key=lambda n: order.get(n, -1))
                         once(Finding("warning", "eltwise", layer.name,
-                                     f"inputs have different ranges ({desc}); the compiler overwrites the first "
-                                     f"input's scale ({ins[0]}) with the second's ({ins[1]})"))
+                                     f"inputs have different ranges ({desc}); the compiler overwrites the scale of "
+                                     f"{early} (created earlier in the network) with {late}'s, for every reader "
+                                     f"of {early} (--eltwise unify avoids it)"))
             elif layer.kind == "concat":
                 if not ins:
                     once(Finding("warning", "concat-inputs", layer.name, "concat with unknown inputs: cannot check one shared scale"))

@@ -26,6 +26,7 @@ from ..calib.taps import (
 from ..errors import CalibrationError
 
 __all__ = [
+    "PAD_SHORTCUT",
     "KINDS",
     "PRESETS",
     "SOFTMAX_AMAX",
@@ -42,6 +43,12 @@ __all__ = [
     "trace_producers",
     "unique_name",
 ]
+
+#: A module whose ``nvdla_export`` attribute is this value is a channel-padding strided
+#: shortcut (``in_planes``, ``out_planes``, ``stride``): keep every ``stride``-th pixel and
+#: zero-pad the channels evenly before and after (the CIFAR ResNets' option A). The Caffe
+#: export writes it as a fixed 1x1 convolution: a layer, and a tensor, of its own.
+PAD_SHORTCUT = "pad-shortcut"
 
 #: Layer kinds; they decide which NVDLA consistency rule applies to an entry.
 KINDS = ("input", "conv", "fc", "bn", "scale", "relu", "pool", "eltwise", "concat", "softmax", "other")

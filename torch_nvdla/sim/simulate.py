@@ -20,6 +20,7 @@ from ..calib.taps import CallSites, first_tensor, leaf_modules, tensor_args
 from ..errors import CalibrationError
 from ..model.batch import call_args
 from ..model.state import eval_mode, model_fingerprint
+from ..nvdla.naming import PAD_SHORTCUT
 from ..nvdla.requant import avgpool_q16, multiplier_shift, rescale_ratio
 from ..nvdla.weights import (
     bias_int16_shift,
@@ -318,6 +319,8 @@ def _value_preserving(x: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def _classify(module: nn.Module, inputs: list[torch.Tensor], versions: list[int], out: Any) -> str:
+    if getattr(module, "nvdla_export", None) == PAD_SHORTCUT:
+        return "generic"  # exported as a 1x1 conv: a layer with its own tensor and scale
     if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
         return "opaque"
     if isinstance(module, nn.Conv2d):
@@ -452,6 +455,30 @@ def _sole_reader(calls: Sequence[_RawCall], idx: int, kind: str) -> int | None:
     return r.index
 
 
+def _origin(p, calls):
+    """The call that created the tensor ``p`` refers to: pass-through calls (identity,
+    dropout, flatten...) create no layer and no tensor in the exported network."""
+    seen = set()
+    while p is not None and p != DATA and p not in seen and calls[p].kind == "pass" and calls[p].producers:
+        seen.add(p)
+        p = calls[p].producers[0]
+    return p
+
+
+def _earlier_index(producers, calls) -> int:
+    """Which of a sum's two operands (0 or 1) was created earlier.
+
+    The compiler gives the tensor created earlier (prototxt order, which is the call
+    order of an exported model) the scale of the one created later (EngineGraph's
+    updateScalingFactors, as measured); the model input counts as the earliest.
+    """
+    if len(producers) != 2 or producers[0] is None or producers[1] is None:
+        return 0
+    a, b = (_origin(p, calls) for p in producers)
+    key = lambda p: -1 if p is None or p == DATA else p  # noqa: E731
+    return 0 if key(a) <= key(b) else 1
+
+
 def _table_model_check(table, raw: Sequence[_RawCall], model: nn.Module, config: SimulationConfig) -> list[str]:
     """Refuse a table of another model; return notes about taps it has that the model lacks."""
     fingerprint = model_fingerprint(model)
@@ -544,7 +571,8 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
             head = raw[g["calls"][0]]
             if len(head.producers) != 2:
                 continue
-            a, b = head.producers
+            e = _earlier_index(head.producers, raw)
+            a, b = _origin(head.producers[e], raw), head.producers[1 - e]
             sb = edge_of(b)
             if a is None or a == DATA or sb is None:
                 continue
@@ -572,14 +600,16 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
         if g["kind"] == "float":
             inputs = []
         if g["kind"] == "eltwise" and len(inputs) == 2:
-            a = head.producers[0]
-            if inputs[1] is not None and inputs[0] != inputs[1]:
+            ea = _earlier_index(head.producers, raw)
+            a = _origin(head.producers[ea], raw)
+            early, late = inputs[ea], inputs[1 - ea]
+            if late is not None and early != late:
                 g_notes.append(
-                    f"first input re-quantized from '{inputs[0]}' to '{inputs[1]}' in float: its producer cannot "
+                    f"earlier input re-quantized from '{early}' to '{late}' in float: its producer cannot "
                     "rescale (not integer-exact)"
                 )
-            elif a is not None and a != DATA and g_i != call_layer[a] and inputs[1] is not None:
-                g_notes.append("element-wise rule: first input written at the second's scale")
+            elif a is not None and a != DATA and g_i != call_layer[a] and late is not None:
+                g_notes.append("element-wise rule: the earlier-created input is written at the later one's scale")
         if g["kind"] in ("maxpool", "avgpool"):
             out_tap = inputs[0] if inputs else None
             if head.tap in tapset and out_tap != head.tap:
@@ -587,7 +617,7 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
         else:
             out_tap = edge[tail.index]
             if out_tap != tail.tap and g["kind"] in _RESCALING:
-                g_notes.append("element-wise rule: writes at the sum's second input's scale")
+                g_notes.append("element-wise rule: writes at the scale of the sum's later-created input")
         if len(g["calls"]) > 1:
             g_notes.append("fused: " + " + ".join(raw[i].tap for i in g["calls"]))
         exact = g["kind"] != "float"
@@ -936,22 +966,22 @@ class _Eltwise(_Runtime):
     def __init__(self, layer, plan, table, modules, config):
         super().__init__(layer, plan, table, modules, config)
         self.relu = any(plan.calls[i].kind == "relu" for i in layer.calls[1:])
-        self.s_common = self.s_in[-1]  # the second input's scale
+        self.early = _earlier_index(tuple(plan.calls[layer.calls[0]].producers), plan.calls)
+        self.s_common = self.s_in[1 - self.early]  # the later-created input's scale
         if not self.fake:
             r = _f32(_f32(self.s_common) / _f32(self.s_out))
             self.m, self.t = _ratio_mt(r, layer.name)
             self.mscale = math.ldexp(self.m, -self.t)
 
     def __call__(self, args, kwargs, orig):
-        a, b = tensor_args(args)[:2]
-        dtype = a.dtype
-        sa = None if self.s_in[0] == self.s_common else self.s_common
+        ab = tensor_args(args)[:2]
+        dtype = ab[0].dtype
+        e, late = self.early, 1 - self.early
+        se = None if self.s_in[e] == self.s_common else self.s_common
+        total = self.read(ab[e], e, se) + self.read(ab[late], late)
         if self.fake:
-            y = self.read(a, 0, sa) + self.read(b, 1)
-            if self.relu:
-                y = torch.relu(y)
-            return _fq(y, self.s_out)
-        acc = (self.read(a, 0, sa) + self.read(b, 1)).to(torch.float64)  # |sum| <= 256: exact
+            return _fq(torch.relu(total) if self.relu else total, self.s_out)
+        acc = total.to(torch.float64)  # |sum| <= 256: exact
         return _dequant(_requant_f64(acc, self.mscale, 0.0 if self.relu else -128.0), self.s_out, dtype)
 
 
