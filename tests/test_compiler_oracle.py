@@ -156,3 +156,18 @@ def test_resnet20_every_multiplier_shift_and_bias_equals_the_compilers(resnet20)
     assert len(ours) == 29 and sum(k == "eltwise" for k, _, _ in ours) == 9
     assert _ops(result) == ours
     assert [(b.q16, b.shift) for b in result.biases] == _sim_biases(requant) and result.biases
+
+
+def test_cli_export_caffe_compiles_what_it_published(tmp_path, capsys, monkeypatch):
+    from torch_nvdla.cli import main
+    from torch_nvdla.nvdla import compiler as comp
+
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits"
+    assert main(["export-caffe", "--num-images", "100", "-o", str(out), "--compile"]) == 0
+    err = capsys.readouterr().err
+    assert "compiled:" in err and "--quantizationMode per-kernel --informat nchw" in err.replace("\n", " ")
+    monkeypatch.setattr(comp, "find_compiler", lambda debugquant=False: None)
+    assert main(["export-caffe", "--num-images", "100", "-o", str(tmp_path / "again"), "--compile"]) == 1
+    err = capsys.readouterr().err
+    assert "compiler was not found" in err and (tmp_path / "again" / "calib.json").is_file()

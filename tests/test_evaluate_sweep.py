@@ -52,7 +52,7 @@ def test_evaluate_reports_fp32_and_int8_per_strategy(digits):
     for r in report.rows[1:]:
         assert abs(r.drop1 - (fp32.top1 - r.top1)) < 1e-9
         assert r.drop1 <= 2.0, r  # the embedded model loses little in INT8
-    assert report.row("entropy", "nvdla").weights == "per-filter"
+    assert report.row("entropy", "nvdla").weights == "per-kernel"  # the compiler's default
     json.dumps(report.to_dict())
     report.print()
     after = model.state_dict()
@@ -62,9 +62,9 @@ def test_evaluate_reports_fp32_and_int8_per_strategy(digits):
 def test_evaluate_with_a_table_and_its_histograms(digits, digits_table):
     model, data = digits
     report = evaluate(model, digits_table, data.loader("evaluation", 100), methods=("entropy", "minmax"),
-                      simulations=("nvdla",), weights="per-kernel", progress=False)
+                      simulations=("nvdla",), weights="per-filter", progress=False)
     assert [(r.method, r.simulation, r.weights) for r in report.rows[1:]] == [
-        ("entropy", "nvdla", "per-kernel"), ("minmax", "nvdla", "per-kernel")]
+        ("entropy", "nvdla", "per-filter"), ("minmax", "nvdla", "per-filter")]
     loaded = CalibrationTable(dict(digits_table.items()), digits_table.infos, None, {"method": "entropy"})
     report = evaluate(model, loaded, data.loader("evaluation", 100), progress=False)
     assert {r.method for r in report.rows[1:]} == {"entropy"}

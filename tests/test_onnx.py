@@ -86,7 +86,7 @@ def _nodes(model, op):
 def test_nvdla_placement_graph(tiny, tmp_path):
     m, table, x, _ = tiny
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    res = export_onnx(m, table, tmp_path / "tiny.onnx", example_input=x[:8])
+    res = export_onnx(m, table, tmp_path / "tiny.onnx", example_input=x[:8], weights="per-filter")
     loaded = onnx.load(str(tmp_path / "tiny.onnx"))
     onnx.checker.check_model(loaded, full_check=True)
     # BatchNorm folded by the exporter: the pre-BN conv outputs are gone, and said so.

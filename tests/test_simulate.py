@@ -168,7 +168,7 @@ def test_fake_quant_input_and_normalized_taps():
 
 def test_modelopt_placement_quantizes_only_conv_fc_inputs_and_weights(tiny, tiny_data):
     t = tiny_table()
-    with torch.no_grad(), int8_simulation(tiny, t, mode="fake", placement="modelopt"):
+    with torch.no_grad(), int8_simulation(tiny, t, mode="fake", placement="modelopt", weights="per-filter"):
         got = tiny(tiny_data)
     x = ref_fq(tiny_data, 1.0)
     y = F.max_pool2d(torch.relu(F.conv2d(x, ref_weight(tiny.conv.weight, True), tiny.conv.bias.double(), padding=1)), 2)

@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         for option, kind in getattr(sys.modules.get(args._run.__module__), "OUTPUTS", {}).items():
             if getattr(args, option, None):
                 check_output(getattr(args, option), kind)
-        with publish_together():  # a run's files appear together, or none of them
-            return int(args._run(args) or 0)
+        with publish_together() as stage:  # a run's files appear together, or none of them
+            rc = int(args._run(args) or 0)
+        for step in stage.after:  # work on the published files (e.g. compiling them)
+            rc = max(rc, int(step() or 0))
+        return rc
     except KeyboardInterrupt:
         _error("interrupted; nothing was written")
         return 130

@@ -6,13 +6,20 @@ import argparse
 
 from ..errors import CalibrationError
 
-__all__ = ["add_calibration_options", "add_model_options", "calibration_kwargs", "calibration_loader", "dataset_for"]
+__all__ = ["add_calibration_options", "add_model_options", "add_weights_option", "calibration_kwargs", "calibration_loader", "dataset_for"]
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--data``: built-in names or ``package.module:function`` entry points."""
     p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
     p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+
+
+def add_weights_option(p: argparse.ArgumentParser, *extra: str) -> None:
+    """``--weights``: the weight quantization, as the compiler's ``--quantizationMode``."""
+    p.add_argument("--weights", default="per-kernel", choices=["per-kernel", "per-filter", *extra],
+                   help="weight quantization, the compiler's --quantizationMode (default per-kernel, "
+                        "the compiler's default)")
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:

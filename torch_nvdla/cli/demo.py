@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_weights_option
+
 HELP = "calibrate the embedded digits LeNet, print FP32 vs INT8 accuracy, write calib.json"
 
 #: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
@@ -19,7 +21,7 @@ OUTPUTS = {"output": "file"}
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="calib.json", help="calib.json to write (default calib.json)")
     p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
-    p.add_argument("--weights", default="per-filter", choices=["per-filter", "per-kernel"])
+    add_weights_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_weights_option
+
 HELP = "compare FP32 and INT8 (fake-quant, NVDLA integer) top-1/top-5 accuracy per calibration strategy"
 
 
@@ -28,7 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="comma-separated strategies (default entropy,minmax,percentile)")
     p.add_argument("--simulations", type=_csv, default=("fake", "nvdla"),
                    help="comma-separated: fake (fake-quant), nvdla (NVDLA integer) (default both)")
-    p.add_argument("--weights", default="per-filter", choices=["per-filter", "per-kernel"])
+    add_weights_option(p)
     p.add_argument("--placement", default="all", choices=["all", "nvdla", "modelopt"],
                    help="which tensors fake-quant quantizes (default all: every tap)")
     p.add_argument("--percentile", type=float, default=99.99)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_calibration_options, add_model_options
+from .common import add_calibration_options, add_model_options, add_weights_option
 
 HELP = "calibrate a model with NVDLA layer names and write the compiler's calib.json"
 
@@ -31,8 +31,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt-prototxt", default=None,
                    help="write the cache with the tensor names TensorRT gives this deploy prototxt's blobs")
     p.add_argument("--weights-dir", default=None, help="also write quantized weights (weights.npz + weights.json) here")
-    p.add_argument("--weights", default="per-kernel", choices=["per-kernel", "per-filter"],
-                   help="weight quantization of --weights-dir (default per-kernel, the compiler's)")
+    add_weights_option(p)
     p.add_argument("--fold-batchnorm", action="store_true", help="fold BatchNorms into the preceding conv before quantizing")
     p.add_argument("--json", action="store_true", help="print the written scales and the findings as JSON on stdout")
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
-from .common import add_calibration_options, add_model_options
+from .common import add_calibration_options, add_model_options, add_weights_option
 
 HELP = "write deploy.prototxt, model.caffemodel and calib.json (matching names) for the NVDLA compiler"
 
@@ -36,6 +37,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--names", default=None, metavar="MAP.json",
                    help="user names: a JSON object {tap or layer: name}; wins over the preset")
     p.add_argument("--net-name", default=None, help="the Caffe net name (default: the model's class name)")
+    add_weights_option(p)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the export with the NVDLA compiler when it is found ($TORCH_NVDLA_COMPILER or "
+                        "../shared/nvdla/compiler)")
     p.add_argument("--eltwise", default="report", choices=["report", "unify"],
                    help="element-wise inputs with different ranges: report them, or unify them to the largest")
     p.add_argument("-o", "--output-dir", default="caffe_export",
@@ -102,6 +107,39 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_verify:
         say(f"[green]verified:[/] the files read back as a PyTorch module whose output differs from the model's by "
             f"{conv.max_abs_diff:.3g} (largest output {conv.output_max_abs:.3g})")
+    flags = f"--cprecision int8 --quantizationMode {args.weights} --informat nchw"
     say(f"compile with: nvdla_compiler --prototxt {result.prototxt} --caffemodel {result.caffemodel} "
-        f"--calibtable {result.calib_json} --cprecision int8")
+        f"--calibtable {result.calib_json} {flags}")
+    say("[dim]input: a feature tensor (--informat nchw): the application writes int8 round(x / S) of the model's "
+        "own input, S the calib.json 'data' scale; this is the program int8_simulation(mode='nvdla', "
+        f"weights='{args.weights}') predicts. The runtime's image input (nhwc) writes round(127 p / 255) without "
+        "normalization and runs the first conv's BatchNorm unfused.[/]")
+    if args.compile and result.calib_json is not None:
+        from ..utils.io import current_stage
+
+        step = functools.partial(_compile, result, args.weights)
+        stage = current_stage()
+        if stage is None:
+            return step()
+        stage.after_publish(step)
+    return 0
+
+
+def _compile(result, weights: str) -> int:
+    """Compile the published export with the real compiler; 1 (and its last lines) when it fails."""
+    from ..errors import CalibrationError
+    from ..nvdla.compiler import compile_caffe
+    from ..utils.console import say
+
+    try:
+        run = compile_caffe(result.prototxt, result.caffemodel, result.calib_json, weights=weights, informat="nchw",
+                            debugquant=False)
+    except CalibrationError as e:
+        say(f"[bold red]error:[/] {e} (the export itself was written)")
+        return 1
+    if not run.ok:
+        tail = " | ".join(run.log.strip().splitlines()[-3:])
+        say(f"[bold red]error:[/] the NVDLA compiler failed (exit {run.returncode}) on {result.prototxt}: {tail}")
+        return 1
+    say(f"[green]compiled:[/] the NVDLA compiler accepted {result.prototxt} ({weights}, feature input)")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_weights_option
+
 HELP = "export a calibrated model to ONNX for TensorRT (DLA): Q/DQ nodes and/or a calibration cache"
 
 #: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
@@ -23,8 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-qdq", action="store_true", help="no QuantizeLinear/DequantizeLinear nodes (plain FP32 graph)")
     p.add_argument("--placement", default="nvdla", choices=["nvdla", "all"],
                    help="Q/DQ on the tensors NVDLA writes (default) or after every tap")
-    p.add_argument("--weights", default="per-filter", choices=["per-filter", "per-kernel", "none"],
-                   help="int8 weights with one scale per output channel (default), one per layer, or float")
+    add_weights_option(p, "none")
     p.add_argument("--fold-batchnorm", default=None, action=argparse.BooleanOptionalAction,
                    help="fold BatchNorm into the preceding conv (default: yes for --placement nvdla, no for all)")
     p.add_argument("--opset", type=int, default=13, help="ONNX opset (>= 13 for Q/DQ; default 13)")

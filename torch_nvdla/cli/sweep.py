@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_weights_option
+
 HELP = "turn layers to INT8 one by one (cumulative) or alone (isolated) and measure the accuracy drop"
 
 #: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
@@ -20,7 +22,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", default="both", choices=["cumulative", "isolated", "both"])
     p.add_argument("--simulation", default="nvdla", choices=["nvdla", "fake"],
                    help="NVDLA integer arithmetic (default) or fake-quant on the same graph")
-    p.add_argument("--weights", default="per-filter", choices=["per-filter", "per-kernel"])
+    add_weights_option(p)
     p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
     p.add_argument("--budget", type=float, default=None,
                    help="allowed top-1 drop in points: suggest (and verify) an FP16 fallback list")

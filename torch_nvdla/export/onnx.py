@@ -653,7 +653,7 @@ def _weight_axis(node) -> int | None:
     return None
 
 
-def quantize_onnx(onnx_model, amax: Mapping[str, float], *, weights: str | None = "per-filter"):
+def quantize_onnx(onnx_model, amax: Mapping[str, float], *, weights: str | None = "per-kernel"):
     """Insert Q/DQ pairs after the given tensors and quantize conv / FC weights.
 
     Args:
@@ -840,7 +840,7 @@ def _placement_targets(model: nn.Module, table: CalibrationTable, example: tuple
     from ..sim.simulate import plan_simulation
 
     plan = plan_simulation(model, table, example[0] if len(example) == 1 else example, mode="fake",
-                           placement="nvdla", weights=weights or "per-filter", missing="fp32")
+                           placement="nvdla", weights=weights or "per-kernel", missing="fp32")
     fp32 = set(plan.fp32_layers)
     if any("data" in layer.input_taps for layer in plan.layers if layer.name not in fp32) and "data" in table:
         targets["data"] = "data"
@@ -888,7 +888,7 @@ def export_onnx(
     qdq: bool = True,
     cache: str | os.PathLike | None = None,
     placement: str = "nvdla",
-    weights: str | None = "per-filter",
+    weights: str | None = "per-kernel",
     fold_batchnorm: bool | None = None,
     opset: int = DEFAULT_OPSET,
     input_names: Sequence[str] = ("data",),
@@ -1175,7 +1175,7 @@ def compare_with_onnxruntime(
     *,
     export: OnnxExport | None = None,
     placement: str = "nvdla",
-    weights: str = "per-filter",
+    weights: str = "per-kernel",
     num_batches: int | None = None,
     tensor_batches: int = 1,
     example_images: int = 16,

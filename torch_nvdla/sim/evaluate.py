@@ -346,7 +346,7 @@ def evaluate(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     simulations: Sequence[str] = _SIMULATIONS,
-    weights: str = "per-filter",
+    weights: str = "per-kernel",
     placement: str | None = None,
     taps=None,
     percentile: float = 99.99,

@@ -112,7 +112,7 @@ class SimulationConfig:
     """
 
     mode: str = "fake"
-    weights: str = "per-filter"
+    weights: str = "per-kernel"
     placement: str | None = None
     missing: str = "error"
     check_model: bool = True
@@ -1432,7 +1432,7 @@ def int8_simulation(
     table,
     *,
     mode: str = "fake",
-    weights: str = "per-filter",
+    weights: str = "per-kernel",
     placement: str | None = None,
     layers: Iterable[str] | None = None,
     missing: str = "error",
@@ -1495,7 +1495,7 @@ def plan_simulation(model: nn.Module, table, example: Any, **options) -> Simulat
         return sim.plan
 
 
-def compare_modes(model: nn.Module, table, example: Any, *, weights: str = "per-filter",
+def compare_modes(model: nn.Module, table, example: Any, *, weights: str = "per-kernel",
                   missing: str = "error") -> dict[str, dict[str, float]]:
     """How far NVDLA integer outputs are from fake-quant ones (same fused graph), per layer.
 

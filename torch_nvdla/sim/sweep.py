@@ -223,7 +223,7 @@ def sweep(
     method: str = "entropy",
     order: str = "cumulative",
     simulation: str = "nvdla",
-    weights: str = "per-filter",
+    weights: str = "per-kernel",
     budget: float | None = None,
     top_k: int = 5,
     missing: str = "error",

@@ -25,12 +25,14 @@ from ..errors import FileFormatError, OutputError
 
 __all__ = [
     "MAX_READ_BYTES",
+    "Stage",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "JsonProblem",
     "check_output",
     "check_strings",
+    "current_stage",
     "json_decoder",
     "parse_json",
     "publish_together",
@@ -49,32 +51,40 @@ _TMP_NAME_CHARS = 64
 _TMP_RE = re.compile(r"^\..*\.(\d+)\.[0-9a-f]{12}\.tmp$")
 
 
-class _Stage:
-    """Writes staged by :func:`publish_together`: destination -> temporary file."""
+class Stage:
+    """Writes staged by :func:`publish_together`: destination -> temporary file, and
+    what to run once they are published (:meth:`after_publish`)."""
 
     def __init__(self) -> None:
         self.pending: dict[Path, Path] = {}
         self.made_dirs: list[Path] = []
+        self.after: list = []
+
+    def after_publish(self, fn) -> None:
+        """Call ``fn()`` once every file is published (e.g. to compile what was written)."""
+        self.after.append(fn)
 
 
-_STAGE: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("torch_nvdla_stage", default=None)
+_STAGE: contextvars.ContextVar[Stage | None] = contextvars.ContextVar("torch_nvdla_stage", default=None)
 _swept: set[Path] = set()
 
 
 @contextlib.contextmanager
-def publish_together() -> Iterator[None]:
+def publish_together() -> Iterator[Stage]:
     """Stage every atomic write of the block; publish them all when it succeeds.
 
     On an exception no staged file is published, the temporary files are removed and so
-    are the folders the block created. Nested blocks join the outermost one.
+    are the folders the block created. Nested blocks join the outermost one. Yields the
+    :class:`Stage`; its ``after`` callbacks are the caller's to run once published.
     """
-    if _STAGE.get() is not None:
-        yield
+    outer = _STAGE.get()
+    if outer is not None:
+        yield outer
         return
-    stage = _Stage()
+    stage = Stage()
     token = _STAGE.set(stage)
     try:
-        yield
+        yield stage
         _STAGE.reset(token)
         token = None
         for dest, tmp in stage.pending.items():
@@ -136,7 +146,7 @@ def _sweep_stale(directory: Path) -> None:
                     shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _make_dirs(directory: Path, stage: _Stage | None, path: Path) -> None:
+def _make_dirs(directory: Path, stage: Stage | None, path: Path) -> None:
     missing = []
     d = directory
     while not d.exists():
@@ -183,6 +193,11 @@ def check_output(path: str | os.PathLike, kind: str = "file") -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(path, f"cannot write in {probe} (permission denied or read-only)")
     return path
+
+
+def current_stage() -> Stage | None:
+    """The :class:`Stage` of the innermost :func:`publish_together` block, if any."""
+    return _STAGE.get()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
