@@ -22,7 +22,7 @@ from torch_nvdla.caffe.importer import (
 )
 from torch_nvdla.caffe.prototxt import parse_prototxt
 from torch_nvdla.cli import main
-from torch_nvdla.export.caffe import CaffeExportError, convert_to_caffe, export_caffe
+from torch_nvdla.export.caffe import CaffeExportError, caffe_tap_selection, convert_to_caffe, export_caffe
 from torch_nvdla.nvdla.calibjson import check_calib_json, read_calib_json
 from torch_nvdla.nvdla.naming import NvdlaNames
 
@@ -373,3 +373,14 @@ def test_cli_export_caffe(shared_data, tmp_path, capsys):
     assert list(json.loads((tmp_path / "lenet" / "calib.json").read_text())) == LENET
     rc = main(["check", str(tmp_path / "lenet" / "calib.json"), "--prototxt", str(tmp_path / "lenet" / "deploy.prototxt")])
     assert rc == 0
+
+
+def test_export_refuses_a_pooling_kernel_the_engine_cannot_run(tmp_path):
+    """A global average pool over 13x13 (SqueezeNet's head) makes the compiler loop forever:
+    refused before anything is written, naming the layer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(2, 3, 13, 13)
+    table = calibrate(model, [x], "minmax", taps=caffe_tap_selection(model, example_input=x), progress=False)
+    with pytest.raises(CaffeExportError, match=r"pooling kernel 13x13 is larger than the pooling engine's 8"):
+        export_caffe(model, table, tmp_path / "out", example_input=x)
+    assert not (tmp_path / "out").exists()

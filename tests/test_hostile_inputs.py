@@ -527,3 +527,36 @@ def test_bf16_evaluation_batches_hash(tmp_path):
     x = torch.randn(3, 4).bfloat16()
     h = _sample_hashes(x)
     assert len(h) == 3 and len(set(h)) == 3 and h == _sample_hashes(x.clone())
+
+
+# ------------------------------------------------------------------ the compiler's hardware rules
+
+
+@pytest.mark.parametrize("layer, rule, target", [
+    ('layer { name: "n" type: "LRN" bottom: "data" top: "n" }', "no-int8", "nv_full"),
+    ('layer { name: "n" type: "Sigmoid" bottom: "data" top: "n" }', "no-int8", "nv_small"),
+    ('layer { name: "n" type: "Eltwise" bottom: "data" bottom: "data" top: "n" eltwise_param { operation: PROD } }',
+     "eltwise-prod", "nv_full"),
+    ('layer { name: "n" type: "Eltwise" bottom: "data" bottom: "data" top: "n" eltwise_param { operation: MAX } }',
+     "eltwise-max", "nv_full"),
+    ('layer { name: "n" type: "Eltwise" bottom: "data" bottom: "data" top: "n" }', "eltwise-target", "nv_small"),
+    ('layer { name: "n" type: "Pooling" bottom: "data" top: "n" pooling_param { pool: AVE kernel_size: 13 } }',
+     "pool-kernel", "nv_full"),
+    ('layer { name: "n" type: "Deconvolution" bottom: "data" top: "n" convolution_param { num_output: 2 '
+     'kernel_size: 2 pad: 1 } }', "deconv", "nv_full"),
+    ('layer { name: "n" type: "Convolution" bottom: "data" top: "n" convolution_param { num_output: 4 '
+     'kernel_size: 1 group: 2 } }', "group-conv", "nv_full"),
+])
+def test_check_reports_what_the_hardware_cannot_run(tmp_path, capsys, layer, rule, target):
+    from torch_nvdla.nvdla.calibjson import check_calib_json
+
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text('input: "data"\ninput_shape { dim: 1 dim: 4 dim: 16 dim: 16 }\n' + layer + "\n")
+    calib = tmp_path / "calib.json"
+    calib.write_text('{"data": {"scale": 0.1}, "n": {"scale": 0.1}}')
+    res = check_calib_json(calib, proto, target=target)
+    hits = [f for f in res.findings if f.rule == rule]
+    assert hits and hits[0].layer == "n" and hits[0].line == 3, res.findings
+    assert not res.ok or hits[0].level == "warning"
+    rc, out = _cli(capsys, "check", calib, "--prototxt", proto, "--target", target)
+    assert rule in out and "Traceback" not in out

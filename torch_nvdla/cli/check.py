@@ -14,6 +14,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blobs", default=None, metavar="BLOBS.npz",
                    help="Caffe blobs as .npz (<layer>.weight): exact requantization m >> t per layer")
     p.add_argument("--profile", default="fast-math", choices=["fast-math", "basic"], help="compiler profile (default fast-math)")
+    p.add_argument("--target", default="nv_full", choices=["nv_full", "nv_large", "nv_small"],
+                   help="the compiler's --configtarget (default nv_full)")
     p.add_argument("--quiet", action="store_true", help="hide info rows")
     p.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
 
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ..nvdla.calibjson import check_calib_json, print_findings
     from ..utils.console import say
 
-    result = check_calib_json(args.calib, args.prototxt, blobs=args.blobs, profile=args.profile)
+    result = check_calib_json(args.calib, args.prototxt, blobs=args.blobs, profile=args.profile, target=args.target)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

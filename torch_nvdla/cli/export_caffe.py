@@ -38,6 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="user names: a JSON object {tap or layer: name}; wins over the preset")
     p.add_argument("--net-name", default=None, help="the Caffe net name (default: the model's class name)")
     add_weights_option(p)
+    p.add_argument("--target", default="nv_full", choices=["nv_full", "nv_large", "nv_small"],
+                   help="the compiler's --configtarget: layers it cannot run are refused (default nv_full)")
     p.add_argument("--compile", action="store_true",
                    help="compile the export with the NVDLA compiler when it is found ($TORCH_NVDLA_COMPILER or "
                         "../shared/nvdla/compiler)")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         table.save(args.save_table)
     result = export_caffe(model, table, args.output_dir, input_shape=args.input_shape, example_input=example,
                           names=args.preset, overrides=overrides, net_name=args.net_name, eltwise=args.eltwise,
-                          verify=not args.no_verify)
+                          verify=not args.no_verify, target=args.target)
     conv = result.conversion
     if args.json:
         print(json.dumps({
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_verify:
         say(f"[green]verified:[/] the files read back as a PyTorch module whose output differs from the model's by "
             f"{conv.max_abs_diff:.3g} (largest output {conv.output_max_abs:.3g})")
-    flags = f"--cprecision int8 --quantizationMode {args.weights} --informat nchw"
+    flags = f"--cprecision int8 --configtarget {args.target} --quantizationMode {args.weights} --informat nchw"
     say(f"compile with: nvdla_compiler --prototxt {result.prototxt} --caffemodel {result.caffemodel} "
         f"--calibtable {result.calib_json} {flags}")
     say("[dim]input: a feature tensor (--informat nchw): the application writes int8 round(x / S) of the model's "
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compile and result.calib_json is not None:
         from ..utils.io import current_stage
 
-        step = functools.partial(_compile, result, args.weights)
+        step = functools.partial(_compile, result, args.weights, args.target)
         stage = current_stage()
         if stage is None:
             return step()
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compile(result, weights: str) -> int:
+def _compile(result, weights: str, target: str) -> int:
     """Compile the published export with the real compiler; 1 (and its last lines) when it fails."""
     from ..errors import CalibrationError
     from ..nvdla.compiler import compile_caffe
@@ -133,7 +135,7 @@ def _compile(result, weights: str) -> int:
 
     try:
         run = compile_caffe(result.prototxt, result.caffemodel, result.calib_json, weights=weights, informat="nchw",
-                            debugquant=False)
+                            target=target, debugquant=False)
     except CalibrationError as e:
         say(f"[bold red]error:[/] {e} (the export itself was written)")
         return 1
@@ -141,5 +143,5 @@ def _compile(result, weights: str) -> int:
         tail = " | ".join(run.log.strip().splitlines()[-3:])
         say(f"[bold red]error:[/] the NVDLA compiler failed (exit {run.returncode}) on {result.prototxt}: {tail}")
         return 1
-    say(f"[green]compiled:[/] the NVDLA compiler accepted {result.prototxt} ({weights}, feature input)")
+    say(f"[green]compiled:[/] the NVDLA compiler accepted {result.prototxt} ({target}, {weights}, feature input)")
     return 0

@@ -1177,6 +1177,7 @@ def export_caffe(
     calib_name: str = "calib.json",
     verify: bool = True,
     rtol: float = RTOL,
+    target: str = "nv_full",
 ) -> CaffeExport:
     """Write ``deploy.prototxt``, ``model.caffemodel`` and ``calib.json`` for the NVDLA compiler.
 
@@ -1197,6 +1198,10 @@ def export_caffe(
         verify: compare the re-read Caffe net with PyTorch layer by layer before writing.
         rtol: verification tolerance.
 
+        target: the compiler's ``--configtarget``; layers it cannot run are refused
+            (:func:`~torch_nvdla.nvdla.rules.hardware_issues`: a pooling kernel above 8,
+            LUT activations, PROD / MAX sums, ...).
+
     Returns:
         A :class:`CaffeExport`.
 
@@ -1210,6 +1215,13 @@ def export_caffe(
 
     conversion = convert_to_caffe(model, input_shape, example_input=example_input, names=names, overrides=overrides,
                                   net_name=net_name, verify=verify, rtol=rtol)
+    from ..nvdla.rules import hardware_issues
+
+    blocking = [i for i in hardware_issues(conversion.net, target) if i.level == "error"]
+    if blocking:
+        raise CaffeExportError(
+            f"{len(blocking)} layer(s) the NVDLA compiler cannot run on {target}, nothing was written: "
+            + "; ".join(f"{i.layer}: {i.message}" for i in blocking[:5]))
     nv = conversion.nvdla_names(table) if table is not None else None
     text = conversion.prototxt_text()
     data = conversion.caffemodel_bytes()

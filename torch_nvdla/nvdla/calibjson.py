@@ -293,6 +293,10 @@ def representability_findings(layers: Sequence[LayerName], scales: Mapping[str, 
             findings.append(Finding("error", "unrepresentable", name, f"{what} = {r:.4g}: {e}"))
         else:
             findings.append(Finding("info", "requant", name, f"{what} = {r:.6g} -> {m} >> {t}"))
+            if t >= 32:
+                findings.append(Finding("warning", "large-shift", name,
+                                        f"{what} = {r:.4g} needs a right shift of {t} (32..63): the compiler reports "
+                                        "it; the output scale is very large against the input's"))
 
     def chain_of(layer: LayerName) -> list[LayerName]:
         chain = [layer]
@@ -892,7 +896,7 @@ class CheckResult:
 
 def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None = None, *,
                      blobs: Mapping[str, Any] | str | os.PathLike | None = None,
-                     profile: str = "fast-math") -> CheckResult:
+                     profile: str = "fast-math", target: str = "nv_full") -> CheckResult:
     """Check a calib.json the way the NVDLA compiler will use it.
 
     Reported as **errors** (the compiler fails, or the network comes out mis-scaled):
@@ -912,6 +916,8 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
         blobs: layer name -> weight array, or an ``.npz`` of Caffe blobs
             (:func:`load_weight_blobs`), for exact ``m >> t``.
         profile: ``"fast-math"`` (the compiler's default) or ``"basic"``.
+        target: ``nv_full``, ``nv_large`` or ``nv_small``: layers it cannot run are
+            errors (:func:`~torch_nvdla.nvdla.rules.hardware_issues`).
 
     Raises:
         FileNotFoundError / FileFormatError: the calib.json or prototxt cannot be read
@@ -939,11 +945,14 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
         parse_prototxt,
         structure_problems,
     )
+    from .rules import hardware_issues
 
     net = parse_prototxt(Path(prototxt))
     for p in structure_problems(net, COMPILER_LAYER_TYPES):
         findings.append(Finding("error", "structure", p.layer, f"{p.problem} (the compiler fails)",
                                 _where(prototxt, p.line), p.line))
+    for h in hardware_issues(net, target):
+        findings.append(Finding(h.level, h.rule, h.layer, h.message, _where(prototxt, h.line), h.line))
     layers, lines = layers_from_prototxt(net)
     names = {layer.name for layer in layers}
     for layer in layers:
