@@ -560,3 +560,24 @@ def test_check_reports_what_the_hardware_cannot_run(tmp_path, capsys, layer, rul
     assert not res.ok or hits[0].level == "warning"
     rc, out = _cli(capsys, "check", calib, "--prototxt", proto, "--target", target)
     assert rule in out and "Traceback" not in out
+
+
+def test_entropy_on_a_narrow_band_falls_back_and_says_so(capsys):
+    """conv -> Sigmoid: values in a narrow band far from zero; every entropy candidate
+    folds the mass into one bin and the search keeps a threshold below all of it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid())
+    with torch.no_grad():
+        model[0].weight.mul_(0.05)
+        model[0].bias.fill_(-0.2)
+    x = torch.rand(16, 3, 12, 12)
+    table = calibrate(model, [x], "entropy")
+    out = model(x).detach()
+    r = table["1"]
+    assert r.method == "minmax" and "degenerate" in r.note and r.amax >= float(out.abs().max()) * 0.999
+    assert "1: entropy picked" in capsys.readouterr().err
+    # the note survives a save / load
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        assert CalibrationTable.load(table.save(Path(d) / "t.json"))["1"].note == r.note

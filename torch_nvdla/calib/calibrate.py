@@ -256,6 +256,9 @@ class CalibrationSession:
         zero = [n for n, h in histograms.items() if h.numel and h.max_abs() == 0.0]
         if zero and self.progress:
             say(f"[yellow]{len(zero)} tap(s) saw only zeros, amax set to {ZERO_TAP_AMAX}: {', '.join(zero[:8])}[/]")
+        for r in ranges.values():
+            if r.note and self.progress:
+                say(f"[yellow]{r.name}: {r.note}[/]")
         meta = {
             "method": config.method,
             "options": config.strategy_options(),

@@ -44,6 +44,8 @@ class TapRange:
         method: the strategy that picked it.
         min: smallest value observed.
         max: largest value observed.
+        note: why the range is not the strategy's own pick (a degenerate search that
+            fell back to another strategy), else ``""``.
     """
 
     name: str
@@ -51,6 +53,7 @@ class TapRange:
     method: str
     min: float = 0.0
     max: float = 0.0
+    note: str = ""
 
     @property
     def scale(self) -> float:
@@ -129,6 +132,8 @@ class CalibrationTable(Mapping):
         for name, r in self._ranges.items():
             entry = {"name": name, "amax": r.amax, "scale": r.scale, "method": r.method,
                      "min": r.min, "max": r.max}
+            if r.note:
+                entry["note"] = r.note
             if name in self.infos:
                 info = asdict(self.infos[name])
                 info.pop("name")
@@ -250,16 +255,38 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
     for name, h in histograms.items():
         amax = 0.0
         tap_method = overrides.get(name, method)
+        note = ""
         if h.numel:
             counts, edges = h.abs_histogram()
             opts = options if tap_method == method else {}
             amax = min(float(compute_amax(tap_method, counts, edges, **opts)), h.max_abs())
+            clipped = _clipped_fraction(counts, edges, amax)
+            if tap_method in DEGENERATE_CHECKED and clipped > DEGENERATE_CLIP:
+                note = (f"{tap_method} picked {amax:.4g}, clipping {100 * clipped:.1f} % of the nonzero values "
+                        f"(a degenerate search on a narrow band): {DEGENERATE_FALLBACK} used instead")
+                amax = min(float(compute_amax(DEGENERATE_FALLBACK, counts, edges)), h.max_abs())
+                tap_method = DEGENERATE_FALLBACK
         if not amax > 0.0:
             amax = ZERO_TAP_AMAX
         lo = float(h.min) if h.numel else 0.0
         hi = float(h.max) if h.numel else 0.0
-        ranges[name] = TapRange(name, amax, tap_method, lo, hi)
+        ranges[name] = TapRange(name, amax, tap_method, lo, hi, note)
     return ranges
+
+
+#: Strategies whose pick is checked for degeneracy, the largest share of the nonzero
+#: values a pick may clip, and the strategy used instead.
+DEGENERATE_CHECKED = ("entropy", "mse")
+DEGENERATE_CLIP = 0.05
+DEGENERATE_FALLBACK = "minmax"
+
+
+def _clipped_fraction(counts, edges, amax: float) -> float:
+    """The share of the values above the first bin (nonzero |x|) that lie above ``amax``."""
+    nonzero = float(counts[1:].sum())
+    if nonzero <= 0:
+        return 0.0
+    return float(counts[1:][edges[1:-1] >= amax].sum()) / nonzero
 
 
 def _json_type(v: Any) -> str:
@@ -298,8 +325,10 @@ def _tap_from_dict(path: Path, i: int, t: Any) -> tuple[str, TapRange, TapInfo |
         if abs(scale - amax / 127.0) > 1e-9 * amax:
             raise FileFormatError(path, f"{where}: \"scale\" {scale!r} is not amax / 127 = {amax / 127.0!r}")
     method = t.get("method", "")
-    if not isinstance(method, str):
-        raise FileFormatError(path, f"{where}: \"method\" must be a string, got {_json_type(method)}")
+    note = t.get("note", "")
+    for key, v in (("method", method), ("note", note)):
+        if not isinstance(v, str):
+            raise FileFormatError(path, f"{where}: \"{key}\" must be a string, got {_json_type(v)}")
     info = None
     if "info" in t:
         raw = t["info"]
@@ -310,7 +339,7 @@ def _tap_from_dict(path: Path, i: int, t: Any) -> tuple[str, TapRange, TapInfo |
             if k in raw and (isinstance(raw[k], bool) or not isinstance(raw[k], typ)):
                 raise FileFormatError(path, f"{where}: info \"{k}\" must be {typ.__name__}, got {_json_type(raw[k])}")
         info = TapInfo(name=name, **raw)
-    return name, TapRange(name, amax, method, lo, hi), info
+    return name, TapRange(name, amax, method, lo, hi, note), info
 
 
 def _safe_filename(name: str) -> str:

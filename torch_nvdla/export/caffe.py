@@ -652,9 +652,11 @@ class _Converter:
         channels = out_shape[1]
         weight = np.eye(channels, dtype=np.float32).reshape(channels, channels, 1, 1)
         p = Message()
-        p.add("num_output", channels).add("bias_term", False).add("kernel_size", 1)
-        _spatial(p, "stride", sub, 1)
-        sub_val = self.emit(node, "Convolution", [pooled], Message({"convolution_param": p}), [weight], kind="conv",
+        p.add("num_output", channels).add("kernel_size", 1)  # with a (zero) bias: the compiler crashes
+        _spatial(p, "stride", sub, 1)  # without one when this conv feeds a conv and a sum (ResNet-18)
+        zero_bias = np.zeros(channels, dtype=np.float32)
+        sub_val = self.emit(node, "Convolution", [pooled], Message({"convolution_param": p}), [weight, zero_bias],
+                            kind="conv",
                             source=common["source"] + " [subsampling]", base=common["base"] + "_subsample",
                             shape=out_shape, rule="producer",
                             note=f"fixed identity 1x1 convolution, stride {sub}: Caffe rounds pooled sizes up")
