@@ -581,3 +581,54 @@ def test_entropy_on_a_narrow_band_falls_back_and_says_so(capsys):
 
     with tempfile.TemporaryDirectory() as d:
         assert CalibrationTable.load(table.save(Path(d) / "t.json"))["1"].note == r.note
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_transpose_weights_are_quantized_per_output_channel(tmp_path, with_bias):
+    from torch_nvdla.nvdla.export_weights import export_quantized_weights
+    from torch_nvdla.nvdla.naming import calibrate_for_nvdla
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.ConvTranspose2d(64, 32, 2, stride=2, bias=with_bias))
+    table, names = calibrate_for_nvdla(model, [torch.randn(2, 3, 8, 8)], "generic", progress=False)
+    summary = export_quantized_weights(model, table, names, tmp_path / "w", weights="per-filter")
+    deconv = next(s for s in summary if s["module"] == "2")
+    assert len(deconv["scales"]) == 32 and deconv["shape"][0] == 32 and "transposed" in deconv["layout"]
+    w = model[2].weight.detach()
+    expected = w.abs().amax(dim=(0, 2, 3)) / 127  # one scale per output channel (axis 1)
+    assert torch.allclose(torch.tensor(deconv["scales"]), expected, rtol=1e-6)
+
+
+class _Functional(nn.Module):
+    """``c(relu(a(x) + b(x)))``: conv ``c`` reads a functional op's result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x) + self.b(x))).mean((2, 3))
+
+
+def test_evaluate_and_sweep_calibrate_what_the_simulation_needs(capsys):
+    """A functional op feeding a conv: evaluate / sweep given calibration data observe the
+    conv's input themselves; with a table that lacks it, the message names the CLI remedy."""
+    from torch_nvdla.errors import CalibrationError
+    from torch_nvdla.sim.evaluate import evaluate
+    from torch_nvdla.sim.simulate import int8_simulation
+    from torch_nvdla.sim.sweep import sweep
+
+    torch.manual_seed(0)
+    model = _Functional()
+    x = torch.randn(16, 3, 8, 8)
+    y = model(x).argmax(1).detach()
+    calib, data = [(x[:8], y[:8])], [(x[8:], y[8:])]
+    report = evaluate(model, calib, data, methods=("minmax",), simulations=("nvdla",), progress=False,
+                      check_disjoint=False)
+    assert report.row("minmax", "nvdla").images == 8
+    swept = sweep(model, calib, data, method="minmax", order="isolated", progress=False)
+    assert "c" in swept.layers and len(swept.isolated) == len(swept.layers) == 3
+    plain = calibrate(model, [x[:8]], "minmax", progress=False)
+    with pytest.raises(CalibrationError, match="--missing fp32"):
+        with int8_simulation(model, plain, mode="nvdla", example=x[:2]):
+            pass

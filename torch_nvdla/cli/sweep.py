@@ -37,7 +37,6 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calib.calibrate import calibrate
     from ..calib.table import CalibrationTable
     from ..sim.evaluate import spread_subset
     from ..sim.sweep import sweep
@@ -49,12 +48,11 @@ def run(args: argparse.Namespace) -> int:
     data = dataset_for(args)
     model = get_model(args.model)
     if args.table:
-        table = CalibrationTable.load(args.table)
-    else:
-        table = calibrate(model, data.loader("calibration", args.batch_size, limit=args.calib_images), args.method,
-                          progress=not args.json)
+        calibration = CalibrationTable.load(args.table)
+    else:  # sweep calibrates once, observing what the simulation needs
+        calibration = data.loader("calibration", args.batch_size, limit=args.calib_images)
     xs, ys = spread_subset(*data.split("evaluation"), args.images)
-    report = sweep(model, table, batches(xs, ys, args.batch_size), order=args.order,
+    report = sweep(model, calibration, batches(xs, ys, args.batch_size), method=args.method, order=args.order,
                    simulation=args.simulation, weights=args.weights, budget=args.budget, top_k=args.top_k,
                    missing=args.missing, progress=not args.json)
     paths = report.save(args.output, plot=not args.no_plot)

@@ -115,6 +115,14 @@ def export_quantized_weights(model: nn.Module, table, names: NvdlaNames, out_dir
             )
         w = weight.detach().float().cpu()
         b = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
+        layout = None
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            # Its weight is (in, out / groups, k...): the filters (output channels) are axis 1.
+            if module.groups != 1:
+                raise CalibrationError(f"layer {layer.name!r}: {type(module).__name__} with groups={module.groups}; "
+                                       "the compiler's Deconvolution takes group 1 only")
+            w = w.transpose(0, 1).contiguous()
+            layout = "filters first (out, in, k...): transposed from the module's (in, out, k...)"
         folded = None
         if fold_batchnorm:
             bn_layer = _bn_after(by_name, consumers, layer)
@@ -130,10 +138,11 @@ def export_quantized_weights(model: nn.Module, table, names: NvdlaNames, out_dir
                 folded = bn_layer.module
         entries[layer.name] = (w, b, s_in)
         extra[layer.name] = {"module": layer.module, "input": src, "folded_bn": folded}
+        if layout:
+            extra[layer.name]["layout"] = layout
     if not entries:
         raise CalibrationError(f"no conv / fc layer among the {len(names)} NVDLA layers: nothing to quantize")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
     summary = save_quantized_weights(out_dir / f"{stem}.npz", json_path, entries, weights=weights)
     for item in summary:

@@ -14,9 +14,10 @@ from torch import nn
 
 from ..calib.table import CalibrationTable
 from ..errors import CalibrationError
-from ..model.batch import LABEL_KEYS, run_batch, split_labels
+from ..model.batch import LABEL_KEYS, run_batch, split_labels, to_device
 from ..model.state import eval_mode, model_device
 from ..utils.console import progress_iter
+from .simulate import simulation_taps
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -325,6 +326,11 @@ def _tables(calibration: Any, model: nn.Module, methods: Sequence[str], *, perce
         raise CalibrationError(
             f"calibration must be a CalibrationTable or an iterable of batches, got {type(calibration).__name__}"
         )
+    if taps is None and iter(calibration) is not calibration:
+        example = next(iter(calibration), None)
+        if example is not None:  # observe what the simulation needs (':input' of functional ops' readers)
+            dev = torch.device(device) if device is not None else model_device(model)
+            taps = simulation_taps(model, to_device(example, dev))
     hashing = _SizedHashing(calibration) if hasattr(calibration, "__len__") else _Hashing(calibration)
     first = methods[0]
     table = calibrate(model, hashing, first, bins=bins, percentile=percentile, taps=taps, num_batches=num_batches,

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calib.taps import CallSites, first_tensor, leaf_modules, tensor_args
+from ..calib.taps import (
+    CallSites,
+    TapSelection,
+    first_tensor,
+    leaf_modules,
+    tensor_args,
+)
 from ..errors import CalibrationError
 from ..model.batch import call_args
 from ..model.state import eval_mode, model_fingerprint
@@ -44,6 +50,7 @@ __all__ = [
     "compare_modes",
     "int8_simulation",
     "plan_simulation",
+    "simulation_taps",
 ]
 
 MODES = ("fake", "nvdla")
@@ -684,7 +691,8 @@ def _raise_missing(missing: Sequence[tuple[str, str]], what: str) -> None:
     raise CalibrationError(
         f"the calibration table lacks {len(taps)} tap(s) the {what} needs: " + "; ".join(lines) + more
         + ". Calibrate with those taps (e.g. calibrate(..., taps=TapSelection(inputs=(...,))) for ':input' taps), "
-        "or pass missing='fp32' to run those layers in FP32"
+        "or pass missing='fp32' to run those layers in FP32 (command line: --missing fp32, or let the command "
+        "calibrate the model itself instead of --table)"
     )
 
 
@@ -1483,6 +1491,19 @@ def int8_simulation(
             yield sim
         finally:
             sim._exit()
+
+
+def simulation_taps(model: nn.Module, example: Any, base: TapSelection | None = None) -> TapSelection:
+    """The tap selection that feeds ``int8_simulation`` of ``model`` in every mode and
+    placement: ``base`` (default: every leaf output and the input) plus the ``:input``
+    taps of the calls whose input no observed module writes (a functional op's result,
+    e.g. a residual ``+`` read by a conv). Found with one FP32 forward on ``example``.
+    """
+    from ..calib.table import CalibrationTable
+
+    plan = plan_simulation(model, CalibrationTable({}), example, mode="nvdla", missing="fp32", check_model=False)
+    inputs = tuple(dict.fromkeys(t[: -len(":input")] for _, t in plan.missing if t.endswith(":input")))
+    return (base or TapSelection()).merged(TapSelection(inputs=inputs))
 
 
 def plan_simulation(model: nn.Module, table, example: Any, **options) -> SimulationPlan:

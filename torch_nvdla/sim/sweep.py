@@ -22,6 +22,7 @@ from ..model.state import eval_mode, model_device
 from ..utils.console import progress_iter
 from ..utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .evaluate import _count, _logits
+from .simulate import simulation_taps
 
 __all__ = ["SWEEP_ORDERS", "SweepReport", "SweepRow", "sweep"]
 
@@ -274,7 +275,10 @@ def sweep(
     else:
         from ..calib.calibrate import calibrate
 
-        table = calibrate(model, calibration, method, device=device, progress=progress)
+        dev = torch.device(device) if device is not None else model_device(model)
+        example = next(iter(calibration), None) if iter(calibration) is not calibration else None
+        taps = simulation_taps(model, to_device(example, dev)) if example is not None else None
+        table = calibrate(model, calibration, method, device=device, taps=taps, progress=progress)
     data = _reiterable(data)
     batches = data if num_batches is None else list(_take(data, num_batches))
     first = next(iter(batches), None)
