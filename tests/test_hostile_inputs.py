@@ -632,3 +632,65 @@ def test_evaluate_and_sweep_calibrate_what_the_simulation_needs(capsys):
     with pytest.raises(CalibrationError, match="--missing fp32"):
         with int8_simulation(model, plain, mode="nvdla", example=x[:2]):
             pass
+
+
+def test_fake_quant_never_leaves_a_conv_input_in_float_silently():
+    from torch_nvdla.errors import CalibrationError
+    from torch_nvdla.sim.simulate import int8_simulation, simulation_taps
+
+    torch.manual_seed(0)
+    model = _Functional()
+    x = torch.randn(8, 3, 8, 8)
+    plain = calibrate(model, [x], "minmax", progress=False)
+    with pytest.raises(CalibrationError, match="c needs 'c:input'"):
+        with int8_simulation(model, plain, mode="fake", example=x[:2]):
+            pass
+    with int8_simulation(model, plain, mode="fake", missing="fp32", example=x[:2]) as sim:
+        assert ("c", "c:input") in sim.missing
+    full = calibrate(model, [x], "minmax", taps=simulation_taps(model, x[:2]), progress=False)
+    seen = {}
+    with torch.no_grad(), int8_simulation(model, full, mode="fake", example=x[:2]):
+        # registered after the simulation's own hooks: sees what conv ``c`` is given
+        handle = model.c.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach().clone()))
+        try:
+            model(x)
+        finally:
+            handle.remove()
+    q = seen["x"] / full["c:input"].scale
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.round().unique().numel() <= 256
+
+
+def test_export_onnx_says_what_runs_in_float_and_strict_fails(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from torch_nvdla.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = _Functional()
+    x = torch.randn(8, 3, 8, 8)
+    plain = calibrate(model, [x], "minmax", progress=False)  # lacks c:input
+    res = export_onnx(model, plain, tmp_path / "m.onnx", example_input=x[:4], show=False)
+    assert "c" in res.in_float and "FP32" in capsys.readouterr().err
+    assert res.to_dict()["in_float"] == res.in_float
+
+
+def functional_model():  # entry point for the CLI (this module is importable as test_hostile_inputs)
+    torch.manual_seed(0)
+    return _Functional()
+
+
+def functional_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 8, 8, generator=g)
+    y = torch.zeros(16, dtype=torch.int64)
+    return (x[:8], y[:8]), (x[8:], y[8:])
+
+
+def test_cli_export_onnx_strict_fails_when_a_layer_runs_in_float(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    model = ["--model", "test_hostile_inputs:functional_model", "--data", "test_hostile_inputs:functional_data"]
+    table = tmp_path / "table.json"
+    assert _cli(capsys, "calibrate", *model, "--num-images", "8", "-o", table)[0] == 0
+    argv = ["export-onnx", *model, "--table", table, "--example-images", "4", "-o", tmp_path / "m.onnx"]
+    assert _cli(capsys, *argv)[0] == 0
+    rc, text = _cli(capsys, *argv, "--strict")
+    assert rc == 1 and "FP32" in text

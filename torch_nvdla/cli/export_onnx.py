@@ -39,7 +39,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="run the Q/DQ model in onnxruntime against int8_simulation on the evaluation split")
     p.add_argument("--num-images", type=int, default=1000, help="evaluation images for --compare (default 1000)")
     p.add_argument("--batch-size", type=int, default=250, help="batch size for --compare (default 250)")
-    p.add_argument("--strict", action="store_true", help="exit with status 1 when a tap has no ONNX tensor")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when a tap has no ONNX tensor, a layer runs in FP32 for want of a range, "
+                        "or a float tensor has no range in the cache")
     p.add_argument("--json", action="store_true", help="print the mapping (and comparison) as JSON on stdout")
 
 
@@ -97,4 +99,5 @@ def run(args: argparse.Namespace) -> int:
         if comparison is not None:
             out["comparison"] = comparison.to_dict()
         print(json.dumps(out, indent=2))
-    return 1 if args.strict and result.unmapped else 0
+    gaps = result.unmapped or result.in_float or (args.cache and result.uncovered)
+    return 1 if args.strict and gaps else 0

@@ -166,12 +166,19 @@ class OnnxExport:
             "quantized": [{"tensor": q.tensor, "tap": q.tap, "scale_tap": q.scale_tap, "amax": q.amax,
                            "scale": q.scale, "dq": q.dq} for q in self.quantized],
             "not_quantized": dict(self.not_quantized),
+            "in_float": self.in_float,
             "qdq_tensors": dict(self.qdq_tensors),
             "propagated": dict(self.propagated),
             "uncovered": list(self.uncovered),
             "quantized_weights": dict(self.quantized_weights),
             "amax_conflicts": {k: list(v) for k, v in self.amax_conflicts.items()},
         }
+
+    @property
+    def in_float(self) -> dict[str, str]:
+        """Taps whose layer runs in float in the Q/DQ graph because the table lacks a range
+        it needs (tap -> why); a TensorRT build would keep them out of INT8."""
+        return {tap: why for tap, why in self.not_quantized.items() if "FP32" in why}
 
     def print(self, table: CalibrationTable | None = None, *, limit: int | None = None) -> None:
         """Print the tap -> tensor mapping as a rich table (stdout); unmapped taps are flagged."""
@@ -213,6 +220,10 @@ class OnnxExport:
         stdout.print(t)
         if self.unmapped:
             stdout.print(f"[yellow]{len(self.unmapped)} tap(s) have no ONNX tensor:[/] {', '.join(self.unmapped)}",
+                         highlight=False)
+        if self.in_float:
+            stdout.print(f"[yellow]{len(self.in_float)} tap(s) run in FP32 (the table lacks ranges their layer "
+                         f"needs):[/] {', '.join(list(self.in_float)[:12])}" + (" ..." if len(self.in_float) > 12 else ""),
                          highlight=False)
         if self.uncovered:
             stdout.print(f"[yellow]{len(self.uncovered)} float tensor(s) have no range in the cache:[/] "
@@ -1027,12 +1038,19 @@ def export_onnx(
     )
     if show:
         result.print(table)
-    elif unmapped:
+    else:
         from ..utils.console import say
 
-        say(f"[yellow]export_onnx: {len(unmapped)} tap(s) have no ONNX tensor:[/] "
-            + ", ".join(f"{k} ({v.split(' holds')[0]})" for k, v in list(unmapped.items())[:6])
-            + (f" ... and {len(unmapped) - 6} more" if len(unmapped) > 6 else ""))
+        if unmapped:
+            say(f"[yellow]export_onnx: {len(unmapped)} tap(s) have no ONNX tensor:[/] "
+                + ", ".join(f"{k} ({v.split(' holds')[0]})" for k, v in list(unmapped.items())[:6])
+                + (f" ... and {len(unmapped) - 6} more" if len(unmapped) > 6 else ""))
+        if result.in_float:
+            say(f"[yellow]export_onnx: {len(result.in_float)} tap(s) run in FP32 (no range for their layer):[/] "
+                + ", ".join(list(result.in_float)[:8]))
+        if result.uncovered:
+            say(f"[yellow]export_onnx: {len(result.uncovered)} float tensor(s) have no range in the cache:[/] "
+                + ", ".join(result.uncovered[:8]))
     return result
 
 

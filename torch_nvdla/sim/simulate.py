@@ -666,6 +666,9 @@ def _missing_for_placement(plan: SimulationPlan, table, placement: str) -> list[
         for c in plan.calls:
             if c.kind not in ("softmax", "opaque") and c.tap not in table:
                 out.append((c.tap, c.tap))
+            # a conv / fc fed by a functional op (no observed producer) reads it through its ':input' tap
+            if c.kind in ("conv", "fc") and c.producers and c.producers[0] is None and f"{c.tap}:input" not in table:
+                out.append((c.tap, f"{c.tap}:input"))
         return out
     for c in plan.calls:  # modelopt
         if c.kind in ("conv", "fc") and _modelopt_input_tap(plan, table, c) is None:
