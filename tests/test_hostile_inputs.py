@@ -167,8 +167,9 @@ def test_cli_long_but_legal_name_is_written(tmp_path, capsys):
 
 
 def test_cli_model_data_mismatch_is_one_line(capsys):
-    rc, text = _cli(capsys, "calibrate", "--model", "caffe-lenet", "--data", "digits", "--num-images", "20")
-    assert rc == 1 and "CaffeLeNet on batch 0 (input 20x1x8x8 float32)" in text
+    rc, text = _cli(capsys, "calibrate", "--model", "test_hostile_inputs:functional_model", "--data", "digits",
+                    "--num-images", "20")
+    assert rc == 1 and "_Functional on batch 0 (input 20x1x8x8 float32)" in text
     _no_traceback(text)
 
 

@@ -97,9 +97,11 @@ def find_compiler(debugquant: bool = False) -> Path | None:
     beside the project or the working directory; None when there is none."""
     name = "nvdla_compiler_debugquant" if debugquant else "nvdla_compiler"
     env = os.environ.get(COMPILER_ENV)
-    roots = [Path(env)] if env else []
-    project = Path(__file__).resolve().parents[2]
-    roots += [project.parent / "shared" / "nvdla" / "compiler", Path.cwd().parent / "shared" / "nvdla" / "compiler"]
+    if env:  # an explicit choice is never silently replaced by a default
+        roots = [Path(env)]
+    else:
+        project = Path(__file__).resolve().parents[2]
+        roots = [project.parent / "shared" / "nvdla" / "compiler", Path.cwd().parent / "shared" / "nvdla" / "compiler"]
     for root in roots:
         exe = root / "bin" / name
         if exe.is_file() and os.access(exe, os.X_OK):
