@@ -695,3 +695,15 @@ def test_cli_export_onnx_strict_fails_when_a_layer_runs_in_float(tmp_path, capsy
     assert _cli(capsys, *argv)[0] == 0
     rc, text = _cli(capsys, *argv, "--strict")
     assert rc == 1 and "FP32" in text
+
+
+def test_generic_calib_json_names_the_functional_ops_it_cannot_key(tmp_path):
+    from torch_nvdla.nvdla.calibjson import export_calib_json
+    from torch_nvdla.nvdla.naming import calibrate_for_nvdla
+
+    torch.manual_seed(0)
+    model = _Functional()
+    table, names = calibrate_for_nvdla(model, [torch.randn(4, 3, 8, 8)], "generic", progress=False)
+    report = export_calib_json(table, tmp_path / "calib.json", names, show=False)
+    hits = [f for f in report.findings if f.rule == "functional-op"]
+    assert [f.layer for f in hits] == ["c:input"] and hits[0].level == "warning"

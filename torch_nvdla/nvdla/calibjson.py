@@ -427,7 +427,16 @@ def nvdla_ranges(table, names: NvdlaNames | Mapping | Callable | None = None, *,
     for n in res.missing:
         findings.append(Finding("error", "missing", n, "no tap measures this layer: the compiler aborts on a missing key"))
     for t in res.unnamed:
-        findings.append(Finding("info", "unnamed-tap", t, "tap has no NVDLA name: not written"))
+        if t.endswith(":input") and names.preset in ("generic", "custom"):
+            # The tap's module is fed by a functional op (a residual +, torch.cat, F.relu ...):
+            # in a Caffe net that op is a layer of its own, whose key this file lacks.
+            findings.append(Finding(
+                "warning", "functional-op", t,
+                f"{t[: -len(':input')]} reads a functional op's result (a +, cat, F.relu ... in forward): in the "
+                "deploy prototxt that op is a layer whose calib.json key is missing here (the compiler aborts on a "
+                "missing key); export with export_caffe (its calib.json names every layer) or name it with --names"))
+        else:
+            findings.append(Finding("info", "unnamed-tap", t, "tap has no NVDLA name: not written"))
     for k in res.unmatched_overrides:
         findings.append(Finding("warning", "override", k, "name override matched no tap and no layer"))
     for t in names.dropped:
