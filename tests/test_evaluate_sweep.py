@@ -245,6 +245,10 @@ def test_cli_sweep_and_demo(tmp_path, capsys):
     assert main(["demo", "-o", str(out), "--no-progress"]) == 0
     calib = json.loads(out.read_text())
     assert list(calib)[0] == "data" and all(set(v) == {"scale", "min", "max", "offset"} for v in calib.values())
+    # the Caffe export it belongs to, beside it: the same table, keyed by its prototxt's layers
+    caffe = tmp_path / "digits_caffe"
+    assert json.loads((caffe / "calib.json").read_text()) == calib
+    assert (caffe / "deploy.prototxt").is_file() and (caffe / "model.caffemodel").is_file()
     assert "FP32" in capsys.readouterr().out
 
 

@@ -15,48 +15,60 @@ from .common import add_weights_option
 HELP = "calibrate the embedded digits LeNet, print FP32 vs INT8 accuracy, write calib.json"
 
 #: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
-OUTPUTS = {"output": "file"}
+OUTPUTS = {"output": "file", "caffe_dir": "folder"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="calib.json", help="calib.json to write (default calib.json)")
+    p.add_argument("--caffe-dir", default=None,
+                   help="the Caffe export the calib.json belongs to: deploy.prototxt, model.caffemodel, calib.json "
+                        "(default: digits_caffe/ beside the calib.json)")
     p.add_argument("--method", default="entropy", choices=["entropy", "minmax", "percentile", "mse"])
     add_weights_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _write_calib_json(table, names, path) -> str:
-    """Export through the calib.json writer; a plain scale-per-tap file when it is absent."""
-    try:
-        from ..nvdla.calibjson import export_calib_json
-    except ImportError:  # pragma: no cover - the writer ships with the package
-        from ..utils.io import atomic_write_json
-
-        atomic_write_json(path, {n: {"scale": r.scale, "min": 0, "max": 0, "offset": 0} for n, r in table.items()})
-        return f"{len(table)} entries (one per tap)"
-    report = export_calib_json(table, path, names)
-    count = len(getattr(report, "layers", ()) or ()) or len(names)
-    return f"{count} layers"
-
-
 def run(args: argparse.Namespace) -> int:
+    import functools
     import time
 
-    from ..nvdla.naming import calibrate_for_nvdla
+    from ..calib.calibrate import calibrate
+    from ..export.caffe import convert_to_caffe, export_caffe
+    from ..nvdla.calibjson import export_calib_json
     from ..sim.evaluate import evaluate
     from ..utils.console import say
+    from ..utils.io import current_stage
     from ..zoo.registry import get_dataset, get_model
+    from .export_caffe import compile_published
+
+    from pathlib import Path
+
+    from ..utils.io import check_output
 
     t0 = time.perf_counter()
     progress = not args.no_progress
+    if args.caffe_dir is None:
+        args.caffe_dir = str(check_output(Path(args.output).parent / "digits_caffe", "folder"))
     model = get_model("digits-lenet")
     data = get_dataset("digits")
-    table, names = calibrate_for_nvdla(model, data.loader("calibration", 100), method=args.method, progress=progress)
+    example = data.calibration[0][:8]
+    conversion = convert_to_caffe(model, example_input=example, verify=False)  # which taps its layers need
+    table = calibrate(model, data.loader("calibration", 100), args.method, taps=conversion.selection,
+                      progress=progress)
     report = evaluate(model, table, data.loader("evaluation", 100), methods=(args.method,), weights=args.weights,
                       progress=progress, model_name="digits-lenet", data_name="digits")
     report.print(title=f"digits-lenet on sklearn digits: FP32 vs INT8 ({args.method}, {args.weights}; "
                        f"{len(data.calibration[0])} calibration / {report.evaluation_images} evaluation images)")
-    what = _write_calib_json(table, names, args.output)
-    say(f"wrote {args.output} ({what}) in {time.perf_counter() - t0:.1f} s; compile with "
-        f"nvdla_compiler --cprecision int8 --calibtable {args.output}")
+    result = export_caffe(model, table, args.caffe_dir, example_input=example)
+    written = export_calib_json(table, args.output, result.conversion.nvdla_names(table), show=False)
+    hw = report.row(args.method, "nvdla").top1
+    say(f"wrote {args.output} ({len(written.scales)} layers) and {args.caffe_dir}/ in "
+        f"{time.perf_counter() - t0:.1f} s. Predicted NVDLA accuracy {hw:.2f} % for: nvdla_compiler --prototxt "
+        f"{result.prototxt} --caffemodel {result.caffemodel} --calibtable {args.output} --cprecision int8 "
+        f"--quantizationMode {args.weights} --informat nchw")
+    step = functools.partial(compile_published, result, args.weights, "nv_full", missing_ok=True)
+    stage = current_stage()
+    if stage is None:
+        return step()
+    stage.after_publish(step)
     return 0
