@@ -66,14 +66,14 @@ def run_model(name: str, profiles, weights_modes, targets, timeout: float) -> li
     from torch_nvdla.errors import TorchNvdlaError
     from torch_nvdla.export.caffe import caffe_tap_selection, export_caffe
     from torch_nvdla.nvdla.compiler import compile_caffe
-    from torch_nvdla.sim.simulate import int8_simulation
+    from torch_nvdla.sim.simulate import int8_simulation, simulation_taps
 
     rows = []
     model, calib, example = _model_and_data(name)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            table = calibrate(model, calib, "minmax", taps=caffe_tap_selection(model, example_input=example[:1]),
-                              progress=False)
+            taps = simulation_taps(model, example[:1], base=caffe_tap_selection(model, example_input=example[:1]))
+            table = calibrate(model, calib, "minmax", taps=taps, progress=False)
             out = export_caffe(model, table, Path(tmp) / "export", example_input=example)
         except TorchNvdlaError as e:
             return [{"model": name, "status": "refused", "detail": str(e)[:300]}]
@@ -94,9 +94,14 @@ def run_model(name: str, profiles, weights_modes, targets, timeout: float) -> li
                         row["status"] = "ok"
                         if profile == "fast-math":
                             if ours is None:
-                                with int8_simulation(model, table, mode="nvdla", weights=weights, placement="nvdla",
-                                                     example=example[:1]) as sim:
-                                    requant = sim.requantization()
+                                try:
+                                    with int8_simulation(model, table, mode="nvdla", weights=weights,
+                                                         placement="nvdla", example=example[:1]) as sim:
+                                        requant = sim.requantization()
+                                except TorchNvdlaError as e:
+                                    row["detail"] = f"simulation: {str(e)[:200]}"
+                                    rows.append(row)
+                                    continue
                                 ours = (_ours(requant),
                                         [(v, r.bias[1]) for r in requant if r.kind in ("conv", "fc") and r.bias
                                          for v in r.bias[0]])

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import CalibrationError
 
-__all__ = ["add_calibration_options", "add_model_options", "add_weights_option", "calibration_kwargs", "calibration_loader", "dataset_for"]
+__all__ = ["add_calibration_options", "add_model_options", "add_weights_option", "calibration_kwargs", "calibration_loader", "calibration_source", "dataset_for"]
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,16 @@ def dataset_for(args: argparse.Namespace):
     if name is None:
         raise CalibrationError(f"--data is required for the entry-point model {args.model!r}")
     return get_dataset(name)
+
+
+def calibration_source(args: argparse.Namespace, data):
+    """What evaluate / sweep calibrate with: the saved table of ``--table``, or the data
+    set's calibration loader (they then calibrate once, observing what the simulation needs)."""
+    if args.table:
+        from ..calib.table import CalibrationTable
+
+        return CalibrationTable.load(args.table)
+    return data.loader("calibration", args.batch_size, limit=args.calib_images)
 
 
 def calibration_loader(args: argparse.Namespace):

@@ -31,19 +31,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import functools
     import time
+    from pathlib import Path
 
     from ..calib.calibrate import calibrate
     from ..export.caffe import convert_to_caffe, export_caffe
     from ..nvdla.calibjson import export_calib_json
     from ..sim.evaluate import evaluate
     from ..utils.console import say
-    from ..utils.io import current_stage
+    from ..utils.io import check_output, current_stage
     from ..zoo.registry import get_dataset, get_model
     from .export_caffe import compile_published
-
-    from pathlib import Path
-
-    from ..utils.io import check_output
 
     t0 = time.perf_counter()
     progress = not args.no_progress

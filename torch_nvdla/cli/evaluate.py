@@ -45,20 +45,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calib.table import CalibrationTable
     from ..sim.evaluate import evaluate, spread_subset
     from ..utils.console import say
     from ..utils.io import atomic_write_json
     from ..zoo.data import batches
     from ..zoo.registry import get_model
-    from .common import dataset_for
+    from .common import calibration_source, dataset_for
 
     data = dataset_for(args)
     model = get_model(args.model)
-    if args.table:
-        calibration = CalibrationTable.load(args.table)
-    else:
-        calibration = data.loader("calibration", args.batch_size, limit=args.calib_images)
+    calibration = calibration_source(args, data)
     xs, ys = spread_subset(*data.split("evaluation"), args.eval_images)
     report = evaluate(model, calibration, batches(xs, ys, args.batch_size),
                       methods=args.methods, simulations=args.simulations, weights=args.weights,

@@ -37,20 +37,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calib.table import CalibrationTable
     from ..sim.evaluate import spread_subset
     from ..sim.sweep import sweep
     from ..utils.console import say
     from ..zoo.data import batches
     from ..zoo.registry import get_model
-    from .common import dataset_for
+    from .common import calibration_source, dataset_for
 
     data = dataset_for(args)
     model = get_model(args.model)
-    if args.table:
-        calibration = CalibrationTable.load(args.table)
-    else:  # sweep calibrates once, observing what the simulation needs
-        calibration = data.loader("calibration", args.batch_size, limit=args.calib_images)
+    calibration = calibration_source(args, data)
     xs, ys = spread_subset(*data.split("evaluation"), args.images)
     report = sweep(model, calibration, batches(xs, ys, args.batch_size), method=args.method, order=args.order,
                    simulation=args.simulation, weights=args.weights, budget=args.budget, top_k=args.top_k,
