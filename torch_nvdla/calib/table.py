@@ -202,7 +202,6 @@ class CalibrationTable(Mapping):
         if not self.histograms:
             raise ValueError("this table holds no histograms (loaded from a file?); recalibrate")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         plt = None
         if plots:
             try:
