@@ -707,3 +707,20 @@ def test_generic_calib_json_names_the_functional_ops_it_cannot_key(tmp_path):
     report = export_calib_json(table, tmp_path / "calib.json", names, show=False)
     hits = [f for f in report.findings if f.rule == "functional-op"]
     assert [f.layer for f in hits] == ["c:input"] and hits[0].level == "warning"
+
+
+def test_decode_output_reads_a_runtime_dump_with_the_output_scale(tmp_path, capsys):
+    calib = tmp_path / "calib.json"
+    calib.write_text('{"data": {"scale": 0.0078740157}, "ip2": {"scale": 0.2}, "prob": {"scale": 0.0078740157}}')
+    dump = tmp_path / "output.dimg"
+    dump.write_text("0 3 127 -2 64 ")  # what nvdla_runtime --rawdump writes: c, h, w order, spaces
+    rc, text = _cli(capsys, "decode-output", dump, "--calib", calib, "--json")
+    out = json.loads(text[text.index("{"):])
+    assert rc == 0 and out["layer"] == "prob" and [t["index"] for t in out["top"][:3]] == [2, 4, 1]
+    assert out["values"][2] == pytest.approx(127 * 0.0078740157)
+    rc, text = _cli(capsys, "decode-output", dump, "--calib", calib, "--layer", "ip2", "--json")
+    assert json.loads(text[text.index("{"):])["values"][4] == pytest.approx(64 * 0.2)
+    dump.write_text("1 2 x3")
+    rc, text = _cli(capsys, "decode-output", dump, "--calib", calib)
+    assert rc == 1 and "value #2 'x3' is not a number" in text
+    _no_traceback(text)

@@ -21,6 +21,7 @@ COMMANDS = {
     "calibrate": "calibrate",
     "check": "check",
     "convert-trt-cache": "convert_trt_cache",
+    "decode-output": "decode_output",
     "demo": "demo",
     "evaluate": "evaluate",
     "export": "export",
