@@ -38,8 +38,8 @@ PERCENTILE = 99.99
 
 def _modelopt_quantize(model, method: str, calib_batches):
     """A modelopt-quantized copy of ``model``: INT8 per-channel weights, per-tensor conv/linear inputs."""
-    import torch
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.quantization.model_calib import enable_stats_collection
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -87,10 +87,10 @@ def bench_model(name: str, eval_images: int | None, batch_size: int, weights: st
     import torch
 
     from torch_nvdla.calib.calibrate import calibrate
-    from torch_nvdla.zoo.data import batches
+    from torch_nvdla.calib.taps import TapSelection
     from torch_nvdla.sim.evaluate import spread_subset
     from torch_nvdla.sim.simulate import int8_simulation
-    from torch_nvdla.calib.taps import TapSelection
+    from torch_nvdla.zoo.data import batches
     from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model
 
     model = get_model(name)

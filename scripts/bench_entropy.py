@@ -88,8 +88,9 @@ def synthetic_cases(samples: int, seed: int) -> dict[str, torch.Tensor]:
 def lenet_cases(images: int) -> tuple[dict[str, torch.Tensor], str | None]:
     """Caffe LeNet activations on the first ``images`` MNIST test images (or why none)."""
     try:
-        from torch_nvdla.zoo.data import load_mnist_test, preprocess_mnist_caffe
         from torch_nvdla.models.caffe_lenet import load_caffe_lenet
+
+        from torch_nvdla.zoo.data import load_mnist_test, preprocess_mnist_caffe
 
         model = load_caffe_lenet()
         pixels, _ = load_mnist_test()
@@ -124,7 +125,9 @@ def load_modelopt() -> tuple[Callable | None, str | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from modelopt.torch.quantization.calib.histogram import _compute_amax_entropy
+            from modelopt.torch.quantization.calib.histogram import (
+                _compute_amax_entropy,
+            )
     except Exception as exc:  # noqa: BLE001 - any import failure means "no reference"
         return None, f"modelopt unavailable ({type(exc).__name__}: {exc})"
     return _compute_amax_entropy, None

@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from torch_nvdla import calibrate  # noqa: E402
-from torch_nvdla.utils.io import atomic_write_json  # noqa: E402
 from torch_nvdla.export.onnx import compare_with_onnxruntime, export_onnx  # noqa: E402
+from torch_nvdla.utils.io import atomic_write_json  # noqa: E402
 from torch_nvdla.utils.report import stdout  # noqa: E402
 from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model  # noqa: E402
 

@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from torch_nvdla.calib.calibrate import calibrate
-    from torch_nvdla.zoo.data import batches
     from torch_nvdla.sim.evaluate import spread_subset
-    from torch_nvdla.utils.paths import data_root
     from torch_nvdla.sim.sweep import sweep
+    from torch_nvdla.utils.paths import data_root
+    from torch_nvdla.zoo.data import batches
     from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model
 
     if data_root() is None:

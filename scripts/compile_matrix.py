@@ -47,18 +47,41 @@ def _model_and_data(name: str):
     return model, [x], x[:1]
 
 
-def _ours(requant):
-    return [("eltwise" if r.kind == "eltwise" else "conv", r.m, r.t) for r in requant
-            if r.kind in ("conv", "fc", "eltwise")]
+def _g(x: float) -> str:
+    return f"{float(x):.6g}"  # the compiler prints 6 significant digits
 
 
-def _theirs(result):
-    out = []
+def _compare(result, requant) -> tuple[str, str, int]:
+    """Match each compiler converter to the simulated layer with the same scales; count
+    equal ``m >> t``. Biases: per input scale, the multisets of ``(int16, shift)``.
+    Returns ``("equal/matched", "equal/total biases", compiler ops with no simulated layer)``."""
+    from collections import Counter
+
+    ours: dict[tuple, list] = {}
+    for r in requant:
+        kind = "eltwise" if r.kind == "eltwise" else "conv"
+        sw = "" if kind == "eltwise" or isinstance(r.s_w, tuple) else _g(r.s_w)
+        ours.setdefault((kind, _g(r.s_in), _g(r.s_out), sw), []).append((r.m, r.t))
+    equal = matched = unmatched = 0
     for (op, kind), lines in groupby((r for r in result.requant if r.kind != "bn"), key=lambda r: (r.op, r.kind)):
         lines = list(lines)
-        ms = tuple(r.m for r in lines)
-        out.append(("eltwise" if kind == "eltwise" else "conv", ms[0] if len(ms) == 1 else ms, lines[0].t))
-    return out
+        per_filter = len(lines) > 1
+        key = (kind, _g(lines[0].s_in), _g(lines[0].s_out), "" if kind == "eltwise" or per_filter else _g(lines[0].s_w))
+        theirs = (tuple(r.m for r in lines) if per_filter else lines[0].m, lines[0].t)
+        cands = ours.get(key)
+        if not cands:
+            unmatched += 1
+            continue
+        matched += 1
+        if theirs in cands:
+            cands.remove(theirs)
+            equal += 1
+        else:
+            cands.pop(0)
+    cb = Counter((_g(b.s_in), b.q16, b.shift) for b in result.biases)
+    sb = Counter((_g(r.s_in), v, r.bias[1]) for r in requant if r.bias for v in r.bias[0])
+    same = sum((cb & sb).values())
+    return f"{equal}/{matched}", f"{same}/{sum(cb.values())}", unmatched
 
 
 def run_model(name: str, profiles, weights_modes, targets, timeout: float) -> list[dict]:
@@ -102,14 +125,11 @@ def run_model(name: str, profiles, weights_modes, targets, timeout: float) -> li
                                     row["detail"] = f"simulation: {str(e)[:200]}"
                                     rows.append(row)
                                     continue
-                                ours = (_ours(requant),
-                                        [(v, r.bias[1]) for r in requant if r.kind in ("conv", "fc") and r.bias
-                                         for v in r.bias[0]])
-                            theirs = _theirs(res)
-                            same = sum(a == b for a, b in zip(theirs, ours[0]))
-                            row["converters"] = f"{same}/{max(len(theirs), len(ours[0]))}"
-                            biases = [(b.q16, b.shift) for b in res.biases]
-                            row["biases"] = f"{sum(a == b for a, b in zip(biases, ours[1]))}/{max(len(biases), len(ours[1]))}"
+                                ours = requant
+                            row["converters"], row["biases"], extra = _compare(res, ours)
+                            if extra:
+                                row["detail"] = f"{extra} compiler converter(s) with no simulated layer " \
+                                                "(e.g. fixed 1x1 subsampling convs)"
                     rows.append(row)
     return rows
 
@@ -143,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"model": name, "status": "skipped", "detail": str(e)[:200]})
     t = Table(title="NVDLA compiler on torch_nvdla's Caffe exports (feature input): simulation vs compiler integers")
     cols = ["model", "profile", "weights", "target", "status", "converters", "biases", "seconds", "detail"]
+    t.caption = "converters: equal m >> t / compiler converters matched to a simulated layer by their scales"
     for c in cols:
         t.add_column(c, overflow="fold")
     for r in rows:

@@ -31,6 +31,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from torch_nvdla.models.digits_lenet import DIGITS_LENET_WEIGHTS, DigitsLeNet  # noqa: E402
+
+from torch_nvdla.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from torch_nvdla.zoo.data import (  # noqa: E402
     DIGITS_SPLIT_SEED,
     batches,
@@ -38,8 +41,6 @@ from torch_nvdla.zoo.data import (  # noqa: E402
     load_digits,
     preprocess_digits,
 )
-from torch_nvdla.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from torch_nvdla.models.digits_lenet import DIGITS_LENET_WEIGHTS, DigitsLeNet  # noqa: E402
 
 __all__ = ["main", "train"]
 

@@ -22,7 +22,12 @@ from torch_nvdla.caffe.importer import (
 )
 from torch_nvdla.caffe.prototxt import parse_prototxt
 from torch_nvdla.cli import main
-from torch_nvdla.export.caffe import CaffeExportError, caffe_tap_selection, convert_to_caffe, export_caffe
+from torch_nvdla.export.caffe import (
+    CaffeExportError,
+    caffe_tap_selection,
+    convert_to_caffe,
+    export_caffe,
+)
 from torch_nvdla.nvdla.calibjson import check_calib_json, read_calib_json
 from torch_nvdla.nvdla.naming import NvdlaNames
 

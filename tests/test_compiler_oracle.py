@@ -10,6 +10,7 @@ from __future__ import annotations
 from itertools import groupby
 
 import pytest
+import torch
 
 from torch_nvdla.nvdla.compiler import compile_caffe, find_compiler
 
@@ -172,3 +173,55 @@ def test_cli_export_caffe_compiles_what_it_published(tmp_path, capsys, monkeypat
     assert main(["export-caffe", "--num-images", "100", "-o", str(tmp_path / "again"), "--compile"]) == 1
     err = capsys.readouterr().err
     assert "compiler was not found" in err and (tmp_path / "again" / "calib.json").is_file()
+
+
+class _Add(torch.nn.Module):
+    def forward(self, a, b):
+        return a + b
+
+
+class _PoolResidual(torch.nn.Module):
+    """A ResNet stem: conv-bn-relu, then a 3x3/2 max pool whose Caffe size rounds up (the
+    export subsamples it with a fixed 1x1 conv), then an identity residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.add, self.relu3 = _Add(), nn.ReLU()
+        self.fc = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        y = self.bn3(self.conv3(self.relu2(self.bn2(self.conv2(x)))))
+        return self.fc(torch.flatten(self.relu3(self.add(y, x)), 1))
+
+
+def test_subsampled_pool_takes_the_sums_scale_like_the_compiler(tmp_path):
+    """The pool's subsampling conv is created before the block: the element-wise rule
+    gives it the block's scale, and it requantizes there (the compiler's program)."""
+    from torch_nvdla.calib.calibrate import calibrate
+    from torch_nvdla.export.caffe import caffe_tap_selection, export_caffe
+    from torch_nvdla.sim.simulate import int8_simulation
+
+    torch.manual_seed(0)
+    model = _PoolResidual().eval()
+    for bn in (model.bn1, model.bn2, model.bn3):
+        torch.nn.init.uniform_(bn.running_var, 0.5, 2.0)
+        torch.nn.init.uniform_(bn.running_mean, -0.3, 0.3)
+    x = torch.randn(8, 3, 16, 16)
+    table = calibrate(model, [x], "minmax", taps=caffe_tap_selection(model, example_input=x[:1]), progress=False)
+    out = export_caffe(model, table, tmp_path / "e", example_input=x[:2])
+    result = compile_caffe(out.prototxt, out.caffemodel, out.calib_json, informat="nchw", timeout=TIMEOUT)
+    assert result.ok, result.log[-2000:]
+    with int8_simulation(model, table, mode="nvdla", placement="nvdla", example=x[:2]) as sim:
+        requant = sim.requantization()
+        assert sim.plan.calls[sim.plan.call_index("pool")].subsampled
+        assert sim.plan.layer("pool").output_tap == "bn3"  # created earlier than bn3: takes its scale
+    ours = [("eltwise" if r.kind == "eltwise" else "conv", r.m, r.t) for r in requant if r.kind != "relu"]
+    assert _ops(result) == ours and len(ours) == 6  # conv1, pool's 1x1, conv2, conv3, sum, fc
+    assert [(b.q16, b.shift) for b in result.biases] == [
+        (v, r.bias[1]) for r in requant if r.kind != "eltwise" and r.bias for v in r.bias[0]]

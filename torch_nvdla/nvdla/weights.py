@@ -227,6 +227,7 @@ def bias_int16_shift(bias_q: torch.Tensor) -> tuple[torch.Tensor, int]:
     This equals the compiler's ``max(0, ceil(log2 |b_max|) + 1 - 16)`` except when the
     largest positive bias is an exact power of two ``>= 2^15``, where the compiler's
     value is one too small and its int16 cast wraps to -32768; here the shift is bumped.
+    An all-zero bias gets the compiler's shift for it, the largest (its ``log2(0)``).
 
     Args:
         bias_q: integer bias (int32 range), e.g. from :func:`quantize_bias`.
@@ -240,6 +241,9 @@ def bias_int16_shift(bias_q: torch.Tensor) -> tuple[torch.Tensor, int]:
     lo, hi = int(b.min()), int(b.max())
     if lo < _INT32_MIN or hi > _INT32_MAX:
         raise ValueError("bias_q values must lie in the int32 range")
+    if lo == hi == 0:
+        # log2(0) = -inf in the compiler's formula ends at the largest shift: zeros either way.
+        return b.to(torch.int16), BIAS_LEFT_SHIFT_MAX
     shift = 0
     while shift < BIAS_LEFT_SHIFT_MAX and ((hi >> shift) > 32767 or (lo >> shift) < -32768):
         shift += 1

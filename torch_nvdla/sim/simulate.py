@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..caffe.importer import caffe_pool_output_size
 from ..calib.taps import (
     CallSites,
     TapSelection,
@@ -29,6 +30,7 @@ from ..model.state import eval_mode, model_fingerprint
 from ..nvdla.naming import PAD_SHORTCUT
 from ..nvdla.requant import avgpool_q16, multiplier_shift, rescale_ratio
 from ..nvdla.weights import (
+    BIAS_LEFT_SHIFT_MAX,
     bias_int16_shift,
     fold_batchnorm,
     quantize_bias,
@@ -92,6 +94,8 @@ class LayerRequant:
         m: the int16 multiplier, or one per output channel (per-filter).
         t: the right shift.
         bias: ``(int16 values per channel, left shift)`` for a conv / fc with a bias.
+        s_in, s_out: the input and output scales the ratio is made of.
+        s_w: the weight scale (one per filter in per-filter mode); 1 for a sum or a ReLU.
     """
 
     layer: str
@@ -99,6 +103,9 @@ class LayerRequant:
     m: int | tuple[int, ...]
     t: int
     bias: tuple[tuple[int, ...], int] | None = None
+    s_in: float = 0.0
+    s_out: float = 0.0
+    s_w: float | tuple[float, ...] = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +168,9 @@ class CallNode:
         consumers: indices of the calls that read its output.
         is_output: its output is (part of) the model's output.
         shape: its output shape on the discovery batch.
+        subsampled: a max pool whose Caffe output size (rounded up) differs from
+            PyTorch's: the export writes it as a stride-1 pool plus a fixed 1x1 strided
+            convolution, a layer that requantizes (and can be given another scale).
     """
 
     index: int
@@ -173,6 +183,7 @@ class CallNode:
     consumers: tuple[int, ...]
     is_output: bool
     shape: tuple[int, ...]
+    subsampled: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _CALL_KINDS:
@@ -325,6 +336,17 @@ def _value_preserving(x: torch.Tensor, out: torch.Tensor) -> bool:
     return bool(torch.isin(out.detach().reshape(-1), pool).all())
 
 
+def _caffe_subsamples(module: nn.Module, inputs: list[torch.Tensor], out: Any) -> bool:
+    """Whether Caffe's pooled size (rounded up) differs from this pool's output size."""
+    if not isinstance(module, nn.MaxPool2d) or not inputs or not isinstance(out, torch.Tensor) \
+            or inputs[0].dim() != 4 or out.dim() != 4:
+        return False
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    k, s, p = pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(module.padding)
+    caffe = tuple(caffe_pool_output_size(inputs[0].shape[2 + i], k[i], s[i], p[i]) for i in range(2))
+    return caffe != tuple(out.shape[2:])
+
+
 def _classify(module: nn.Module, inputs: list[torch.Tensor], versions: list[int], out: Any) -> str:
     if getattr(module, "nvdla_export", None) == PAD_SHORTCUT:
         return "generic"  # exported as a 1x1 conv: a layer with its own tensor and scale
@@ -372,6 +394,7 @@ class _RawCall:
     consumers: list = field(default_factory=list)
     is_output: bool = False
     shape: tuple = ()
+    subsampled: bool = False
 
 
 class _Discovery:
@@ -415,6 +438,7 @@ class _Discovery:
     def _on_output(self, tap: str, path: str, call: int, module: nn.Module, args, output) -> None:
         raw, ts, versions = self._pending[id(module)].pop()
         raw.kind = _classify(module, ts, versions, output)
+        raw.subsampled = raw.kind == "maxpool" and _caffe_subsamples(module, ts, output)
         raw.index = len(self.calls)
         if isinstance(output, torch.Tensor):
             raw.shape = tuple(output.shape)
@@ -568,6 +592,8 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
             g = groups[g_i] if g_i is not None else None
             if c.kind == "pass" or (g is not None and g["kind"] in ("maxpool", "avgpool")):
                 edge[c.index] = edge_of(c.producers[0]) if c.producers else None
+                if c.subsampled and g_i in override:  # its 1x1 subsampling conv can rescale
+                    edge[c.index] = override[g_i]
             elif c.kind in ("softmax", "opaque") or g is None:
                 edge[c.index] = None
             else:
@@ -584,7 +610,8 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
             if a is None or a == DATA or sb is None:
                 continue
             ga = call_layer[a]
-            if ga is not None and groups[ga]["kind"] in _RESCALING and groups[ga]["calls"][-1] == a:
+            if ga is not None and (groups[ga]["kind"] in _RESCALING or raw[a].subsampled) \
+                    and groups[ga]["calls"][-1] == a:
                 override[ga] = sb
         if edge == before:
             break
@@ -618,7 +645,9 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
             elif a is not None and a != DATA and g_i != call_layer[a] and late is not None:
                 g_notes.append("element-wise rule: the earlier-created input is written at the later one's scale")
         if g["kind"] in ("maxpool", "avgpool"):
-            out_tap = inputs[0] if inputs else None
+            out_tap = edge[tail.index] if head.subsampled else (inputs[0] if inputs else None)
+            if out_tap != (inputs[0] if inputs else None):
+                g_notes.append("element-wise rule: its subsampling 1x1 conv writes at the sum's later input's scale")
             if head.tap in tapset and out_tap != head.tap:
                 g_notes.append(f"entry '{head.tap}' unused (a pool keeps its input's scale)")
         else:
@@ -649,7 +678,7 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
     return SimulationPlan(
         calls=tuple(CallNode(index=c.index, tap=c.tap, path=c.path, call=c.call, module_type=c.module_type, kind=c.kind,
                              producers=tuple(c.producers), consumers=tuple(c.consumers), is_output=c.is_output,
-                             shape=tuple(c.shape)) for c in raw),
+                             shape=tuple(c.shape), subsampled=c.subsampled) for c in raw),
         layers=tuple(layers), call_layer=tuple(call_layer), edge_taps=tuple(edge), missing=tuple(needed),
         unused_taps=unused, notes=tuple(notes), fingerprint=model_fingerprint(model),
     )
@@ -875,6 +904,7 @@ class _ConvFC(_Runtime):
         self.is_conv = layer.kind == "conv"
         s_in, s_out = self.s_in[0], self.s_out
         sw = qw.scale.detach().to("cpu", torch.float64)
+        self.sw = sw
         if self.fake:
             view = qw.scale.reshape([-1] + [1] * (w.dim() - 1)) if qw.scale.dim() else qw.scale
             self.w = (qw.q.to(torch.float32) * view).to(w.dtype if w.is_floating_point() else torch.float32)
@@ -1013,10 +1043,31 @@ class _Relu(_Runtime):
 
 
 class _MaxPool(_Runtime):
+    """A max pool keeps its input's scale; one the Caffe export subsamples with a fixed
+    identity 1x1 convolution (weights 127 at ``S_w = 1/127``, zero bias) requantizes
+    ``127 q`` by ``r = S_in (1/127) / S_out`` there, like any convolution."""
+
+    def __init__(self, layer, plan, table, modules, config):
+        super().__init__(layer, plan, table, modules, config)
+        self.subsampled = plan.calls[layer.calls[0]].subsampled
+        if self.subsampled and not self.fake:
+            self.sw = float(_f32(1.0) / _f32(127.0))
+            r = rescale_ratio(self.s_in[0], self.sw, self.s_out, float32=True)
+            self.m, self.t = _ratio_mt(r, layer.name)
+            self.mscale = math.ldexp(self.m, -self.t)
+            shape = plan.calls[layer.calls[0]].shape
+            self.bias16 = ((0,) * int(shape[1]), BIAS_LEFT_SHIFT_MAX) if len(shape) > 1 else None
+
     def __call__(self, args, kwargs, orig):
         x = args[0]
         xq = x if (self.exact_in[0] and x.dtype in (torch.float32, torch.float64)) else _fq(x, self.s_in[0])
-        return orig(xq, *args[1:], **kwargs)  # max of exact multiples: exact, same scale
+        y = orig(xq, *args[1:], **kwargs)  # max of exact multiples: exact, same scale
+        if not self.subsampled or self.s_out == self.s_in[0]:
+            return y
+        if self.fake:
+            return _fq(y, self.s_out)
+        acc = torch.round(y.to(torch.float64) / float(_f32(self.s_in[0]))) * 127.0
+        return _dequant(_requant_f64(acc, self.mscale, -128.0), self.s_out, x.dtype)
 
 
 class _AvgPool(_Runtime):
@@ -1144,7 +1195,11 @@ class Simulation:
                 continue
             layer = self._plan.layers[i]
             m = tuple(int(v) for v in m.tolist()) if isinstance(m, torch.Tensor) else int(m)
-            out.append(LayerRequant(layer.name, layer.kind, m, int(rt.t), getattr(rt, "bias16", None)))
+            sw = getattr(rt, "sw", 1.0)
+            sw = tuple(float(v) for v in sw.reshape(-1).tolist()) if isinstance(sw, torch.Tensor) and sw.dim() else float(sw)
+            s_in = float(getattr(rt, "s_common", rt.s_in[0] if rt.s_in else 0.0))
+            out.append(LayerRequant(layer.name, layer.kind, m, int(rt.t), getattr(rt, "bias16", None), s_in,
+                                    float(rt.s_out), sw))
         return tuple(out)
 
     @property
