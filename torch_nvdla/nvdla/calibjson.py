@@ -165,6 +165,16 @@ def apply_nvdla_rules(layers: Sequence[LayerName], values: Mapping[str, float], 
             name = ins[0]
         return name
 
+    def unify(group: Sequence[str], rule: str) -> tuple[float, bool]:
+        """Raise every layer of ``group`` (and the producer a pool takes its range from) to
+        the group's largest range, so nothing clips; returns that range and whether anything moved."""
+        target = max(vals[i] for i in group)
+        moved = False
+        for i in group:
+            moved |= set_value(anchor(i), target, rule)
+            moved |= set_value(i, target, rule)
+        return target, moved
+
     reported: set[tuple[str, str]] = set()
 
     def once(f: Finding) -> None:
@@ -188,10 +198,8 @@ def apply_nvdla_rules(layers: Sequence[LayerName], values: Mapping[str, float], 
                 if any(_differ(x, v[0]) for x in v):
                     desc = ", ".join(f"{i} {vals[i]:.6g}" for i in ins)
                     if fix and eltwise == "unify":
-                        target = max(v)
-                        for i in ins:
-                            changed |= set_value(anchor(i), target, "eltwise")
-                            changed |= set_value(i, target, "eltwise")
+                        target, moved = unify(ins, "eltwise")
+                        changed |= moved
                         once(Finding("info", "eltwise", layer.name, f"inputs unified to the largest range {target:.6g} (were {desc})"))
                     else:
                         early, late = sorted(ins[:2], key=lambda n: order.get(n, -1))
@@ -208,10 +216,8 @@ def apply_nvdla_rules(layers: Sequence[LayerName], values: Mapping[str, float], 
                 if any(_differ(x, v[0]) for x in v):
                     desc = ", ".join(f"{i} {vals[i]:.6g}" for i in group)
                     if fix:
-                        target = max(v)
-                        for i in group:
-                            changed |= set_value(anchor(i), target, "concat")
-                            changed |= set_value(i, target, "concat")
+                        target, moved = unify(group, "concat")
+                        changed |= moved
                         once(Finding("info", "concat", layer.name, f"inputs and output share the largest range {target:.6g} (were {desc})"))
                     else:
                         findings.append(Finding("error", "concat", layer.name,
