@@ -724,3 +724,15 @@ def test_decode_output_reads_a_runtime_dump_with_the_output_scale(tmp_path, caps
     rc, text = _cli(capsys, "decode-output", dump, "--calib", calib)
     assert rc == 1 and "value #2 'x3' is not a number" in text
     _no_traceback(text)
+
+
+def test_evaluate_says_where_functional_ops_limit_the_prediction():
+    from torch_nvdla.sim.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = _Functional()
+    x = torch.randn(16, 3, 8, 8)
+    y = model(x).argmax(1).detach()
+    report = evaluate(model, [(x[:8], y[:8])], [(x[8:], y[8:])], methods=("minmax",), simulations=("nvdla",),
+                      progress=False, check_disjoint=False)
+    assert any("functional op's result" in n and ": c)" in n for n in report.notes), report.notes

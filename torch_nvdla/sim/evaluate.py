@@ -444,6 +444,13 @@ def evaluate(
                     note = f"{method}/{sim}: {layer} runs FP32 (no '{tap}' in the table)"
                     if note not in notes:
                         notes.append(note)
+                functional = [layer.name for layer in (s.plan.layers if s.plan is not None and sim == "nvdla" else ())
+                              if any(n.startswith("input producer unknown") for n in layer.notes)]
+                note = (f"{sim}: {len(functional)} layer(s) read a functional op's result (a +, torch.cat ... in "
+                        f"forward: {', '.join(functional[:4])}): the compiler's element-wise / concat scale rules "
+                        "are not simulated there, the hardware may differ (write those ops as modules)")
+                if functional and note not in notes:
+                    notes.append(note)
             rows.append(EvaluationRow(method=method, simulation=sim, weights=weights, placement=pl,
                                       top1=acc.top1, top5=acc.top5, images=acc.images,
                                       drop1=fp32.top1 - acc.top1, drop5=fp32.top5 - acc.top5))
