@@ -510,9 +510,9 @@ def _earlier_index(producers, calls) -> int:
     return 0 if key(a) <= key(b) else 1
 
 
-def _table_model_check(table, raw: Sequence[_RawCall], model: nn.Module, config: SimulationConfig) -> list[str]:
+def _table_model_check(table, raw: Sequence[_RawCall], model: nn.Module, config: SimulationConfig,
+                       fingerprint: str) -> list[str]:
     """Refuse a table of another model; return notes about taps it has that the model lacks."""
-    fingerprint = model_fingerprint(model)
     key = table.meta.get("cache_key") if isinstance(getattr(table, "meta", None), dict) else None
     stored = key.get("fingerprint") if isinstance(key, dict) else None
     types = {c.tap: c.module_type for c in raw}
@@ -544,7 +544,8 @@ def _table_model_check(table, raw: Sequence[_RawCall], model: nn.Module, config:
 
 
 def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: SimulationConfig) -> SimulationPlan:
-    notes = _table_model_check(table, raw, model, config)
+    fingerprint = model_fingerprint(model)  # hashes every weight: once per plan
+    notes = _table_model_check(table, raw, model, config, fingerprint)
     n = len(raw)
     call_layer: list[int | None] = [None] * n
     groups: list[dict] = []
@@ -680,7 +681,7 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
                              producers=tuple(c.producers), consumers=tuple(c.consumers), is_output=c.is_output,
                              shape=tuple(c.shape), subsampled=c.subsampled) for c in raw),
         layers=tuple(layers), call_layer=tuple(call_layer), edge_taps=tuple(edge), missing=tuple(needed),
-        unused_taps=unused, notes=tuple(notes), fingerprint=model_fingerprint(model),
+        unused_taps=unused, notes=tuple(notes), fingerprint=fingerprint,
     )
 
 
