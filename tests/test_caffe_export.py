@@ -15,12 +15,9 @@ from torch_nvdla.models.resnet_cifar import load_resnet_cifar
 
 from torch_nvdla import calibrate
 from torch_nvdla.caffe.caffemodel import read_caffemodel
-from torch_nvdla.caffe.importer import (
-    CaffeImportError,
-    caffe_pool_output_size,
-    import_caffe,
-)
+from torch_nvdla.caffe.importer import CaffeImportError, import_caffe
 from torch_nvdla.caffe.prototxt import parse_prototxt
+from torch_nvdla.caffe.shapes import caffe_pool_output_size
 from torch_nvdla.cli import main
 from torch_nvdla.export.caffe import (
     CaffeExportError,
@@ -118,6 +115,36 @@ def test_caffe_pool_output_size_rounds_up_and_clips():
     assert caffe_pool_output_size(7, 2, 2, 0) == 4
     assert caffe_pool_output_size(6, 3, 3, 1) == 3  # the 4th window would start in the padding
     assert caffe_pool_output_size(7, 2, 2, 0, ceil=False) == 3
+
+
+@pytest.mark.parametrize("arch", ["googlenet", "densenet121", "squeezenet1_1", "resnet50"])
+def test_blob_shapes_from_parameters_equal_a_forward_pass(arch):
+    """``blob_shapes`` (arithmetic on the prototxt) against the importer, which runs every
+    layer on zeros: the same shape for every blob."""
+    from torch_nvdla.caffe.importer import build_module
+    from torch_nvdla.caffe.shapes import blob_shapes
+
+    model = getattr(torchvision.models, arch)(weights=None, **({"aux_logits": False, "init_weights": False}
+                                                               if arch == "googlenet" else {})).eval()
+    net = convert_to_caffe(model, (1, 3, 64, 64), verify=False).net
+    inferred = blob_shapes(net)
+    reference = build_module(net).blob_shapes
+    assert inferred == reference
+
+
+def test_weight_banks_hand_counted():
+    """VGG's fc6 (4096 x 512x7x7) on nv_full: one group of 32 kernels is 512*7*7*32 bytes
+    = 24.5 banks of 128 x 256 bytes -> 25; all weights 4096*25088 / 32768 = 3136 banks;
+    the 7x7x512 input is 16 atoms of 32 bytes = 4 entries per pixel, 28 per row, 196 in
+    all: 1 bank. The compiler fails on it; on fc7 (4096 x 4096x1x1) a group is 4 banks."""
+    from torch_nvdla.nvdla.rules import conv_buffer_banks
+
+    assert conv_buffer_banks((512, 7, 7), (4096, 512, 7, 7), "nv_full") == (1, 3136, 25)
+    assert conv_buffer_banks((4096, 1, 1), (4096, 4096, 1, 1), "nv_full") == (1, 512, 4)
+    # nv_small: 8-byte entries, 512 to a 4 KiB bank; 64 channels = 8 atoms, one per entry.
+    assert conv_buffer_banks((64, 56, 56), (64, 64, 3, 3), "nv_small") == (49, 9, 2)
+    # 3 atoms of a 4-atom entry take a whole entry per pixel (the compiler's special case).
+    assert conv_buffer_banks((96, 10, 10), (8, 96, 1, 1), "nv_full")[0] == 1
 
 
 def test_import_errors_name_the_layer(tmp_path):

@@ -357,6 +357,31 @@ def test_inplace_relu_and_identity_reuse():
     assert derived["act"].min == 0.0
 
 
+def test_identity_reuses_any_earlier_tap_of_the_pass_not_only_the_latest():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.body = nn.Conv2d(3, 3, 3, padding=1)
+            self.shortcut = nn.Identity()
+            self.late = nn.Identity()
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = self.body(y)  # the latest producer is now body, not conv
+            a = self.shortcut(y)  # (the same tensor object as y)
+            y.mul_(2)  # modified in place: never reused, observed afresh
+            return z + a + self.late(y)
+
+    xs = _images(3, 4, seed=8)
+    derived = calibrate(Residual(), xs, progress=False)
+    direct = calibrate(Residual(), xs, taps=TapSelection(reuse=False), progress=False)
+    assert derived.meta["reused"] == {"shortcut": "conv"}
+    _same_histograms(derived, direct)
+    assert derived.amaxes() == direct.amaxes()
+
+
 # -- cache ------------------------------------------------------------------------------------------------
 
 

@@ -225,3 +225,37 @@ def test_subsampled_pool_takes_the_sums_scale_like_the_compiler(tmp_path):
     assert _ops(result) == ours and len(ours) == 6  # conv1, pool's 1x1, conv2, conv3, sum, fc
     assert [(b.q16, b.shift) for b in result.biases] == [
         (v, r.bias[1]) for r in requant if r.kind != "eltwise" and r.bias for v in r.bias[0]]
+
+
+@pytest.mark.parametrize("channels, outputs, target", [
+    (1024, 16, "nv_full"), (1024, 17, "nv_full"), (1024, 32, "nv_full"),
+    (1024, 16, "nv_large"), (1024, 20, "nv_large"), (1024, 32, "nv_large"),
+    (512, 8, "nv_small"), (1024, 8, "nv_small"),
+])
+def test_weight_bank_rule_predicts_the_compilers_verdict(tmp_path, channels, outputs, target):
+    """A fully-connected layer on a (channels, 4, 4) input: the export refuses exactly the
+    sizes the compiler fails on ("Not enough banks to hold weight data")."""
+    from torch import nn
+
+    from torch_nvdla.export.caffe import CaffeExportError, convert_to_caffe, export_caffe
+    from torch_nvdla.nvdla.calibjson import export_calib_json
+    from torch_nvdla.nvdla.naming import calibrate_for_nvdla
+    from torch_nvdla.nvdla.rules import hardware_issues
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, channels, 1), nn.ReLU(), nn.Flatten(), nn.Linear(channels * 16, outputs))
+    x = torch.randn(4, 3, 4, 4)
+    table, names = calibrate_for_nvdla(model, [x], "generic", progress=False)
+    conversion = convert_to_caffe(model, (1, 3, 4, 4))
+    refused = [i for i in hardware_issues(conversion.net, target) if i.rule == "cbuf-weights"]
+    (tmp_path / "deploy.prototxt").write_text(conversion.prototxt_text())
+    (tmp_path / "model.caffemodel").write_bytes(conversion.caffemodel_bytes())
+    export_calib_json(table, tmp_path / "calib.json", conversion.nvdla_names(table), show=False)
+    result = compile_caffe(tmp_path / "deploy.prototxt", tmp_path / "model.caffemodel", tmp_path / "calib.json",
+                           target=target, timeout=TIMEOUT)
+    assert result.ok == (not refused), result.log[-1500:]
+    if refused:
+        assert "Not enough banks to hold weight data" in result.log
+        with pytest.raises(CaffeExportError, match="convolution buffer"):
+            export_caffe(model, table, tmp_path / "refused", input_shape=(1, 3, 4, 4), target=target)
+        assert not (tmp_path / "refused" / "deploy.prototxt").exists()

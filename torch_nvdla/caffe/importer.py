@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import TorchNvdlaError
 from .prototxt import CaffeLayer, CaffeNet, Message, parse_prototxt, structure_problems
+from .shapes import caffe_pool_output_size
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -28,7 +29,6 @@ __all__ = [
     "CaffeReshape",
     "CaffeScale",
     "build_module",
-    "caffe_pool_output_size",
     "import_caffe",
 ]
 
@@ -294,21 +294,6 @@ def _enum_name(msg: Message, name: str, default: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return _ENUM_NUMBERS.get(name, {}).get(value, str(value))
     return str(value)
-
-
-def caffe_pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True) -> int:
-    """Caffe's pooled output size along one axis.
-
-    ``ceil((size + 2 pad - kernel) / stride) + 1`` (``floor`` for ``round_mode: FLOOR``);
-    then, when ``pad > 0`` and the last window would start in the padding
-    (``(out - 1) * stride >= size + pad``), that window is dropped. The NVDLA compiler's
-    Caffe parser (``CaffeParserPoolingDimsCallback``) uses the same rule.
-    """
-    span = size + 2 * pad - kernel
-    out = (-(-span // stride) if ceil else span // stride) + 1
-    if pad > 0 and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
 
 
 def _phase_included(layer: CaffeLayer) -> bool:

@@ -292,7 +292,7 @@ class TapHooks:
         self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
         self._sites = CallSites(model, on_input=self._on_input, on_call=self._on_call, on_output=self._on_output)
         self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
-        self._producer: _Producer | None = None
+        self._seen: dict[int, _Producer] = {}  # id(tensor) -> who observed it in this pass
 
     # -- life cycle -------------------------------------------------------------------
     def __enter__(self) -> "TapHooks":
@@ -305,7 +305,7 @@ class TapHooks:
     def close(self) -> None:
         """Remove every hook this object registered."""
         self._sites.close()
-        self._producer = None
+        self._seen.clear()
         self._source.clear()
 
     # -- bookkeeping --------------------------------------------------------------------
@@ -319,19 +319,23 @@ class TapHooks:
 
     def _observe(self, name: str, info: TapInfo, x: torch.Tensor) -> None:
         self._observer(name, info).update(x)
-        self._producer = _Producer(weakref.ref(x), x._version, name)
+        self._remember(x, name)
+
+    def _remember(self, x: torch.Tensor, name: str) -> None:
+        """Record that tap ``name`` holds the histogram of ``x`` as it is now."""
+        self._seen[id(x)] = _Producer(weakref.ref(x), x._version, name)
 
     def _reusable(self, x) -> str | None:
-        """The tap that has just observed exactly ``x`` (same object, unmodified), if any."""
-        p = self._producer
-        if not self.selection.reuse or p is None or p.ref() is not x or x._version != p.version:
+        """The tap that observed exactly ``x`` in this pass (same object, unmodified), if any."""
+        p = self._seen.get(id(x)) if self.selection.reuse and x is not None else None
+        if p is None or p.ref() is not x or x._version != p.version:
             return None
         return p.name if self.observers[p.name].last is not None else None
 
     # -- hooks ---------------------------------------------------------------------------
     def _on_input(self, module, args, kwargs):
         self._source.clear()
-        self._producer = None
+        self._seen.clear()
         if self.selection.model_input:
             x = first_tensor(tuple(args) + tuple(kwargs.values()))
             if _observable(x):
@@ -369,7 +373,7 @@ class TapHooks:
                 last = self.observers[src].last
                 self._observer(tap, info).update_histogram(last.relu() if isinstance(module, nn.ReLU) else last)
                 self.reused[tap] = src
-                self._producer = _Producer(weakref.ref(output), output._version, tap)
+                self._remember(output, tap)
             else:
                 self._observe(tap, info, output)
         for d in self.selection.derived:

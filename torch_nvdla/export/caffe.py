@@ -26,9 +26,9 @@ from ..caffe.importer import (
     CaffeReshape,
     CaffeScale,
     build_module,
-    caffe_pool_output_size,
 )
 from ..caffe.prototxt import CaffeLayer, CaffeNet, EnumValue, Message, parse_prototxt
+from ..caffe.shapes import caffe_pool_output_size
 from ..calib.taps import BN_NORMALIZED, TapSelection
 from ..errors import TorchNvdlaError
 from ..model.state import eval_mode

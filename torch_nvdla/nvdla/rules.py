@@ -5,14 +5,86 @@ Design notes: ``docs/nvdla.md``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["MAX_POOL_KERNEL", "TARGETS", "HardwareIssue", "hardware_issues"]
+__all__ = ["CBUF", "MAX_POOL_KERNEL", "TARGETS", "ConvBuffer", "HardwareIssue", "conv_buffer_banks",
+           "hardware_issues"]
 
 #: Targets the compiler accepts (``--configtarget``).
 TARGETS = ("nv_full", "nv_large", "nv_small")
 #: The pooling engine's largest kernel side; the compiler loops forever above it.
 MAX_POOL_KERNEL = 8
+
+
+@dataclass(frozen=True)
+class ConvBuffer:
+    """A target's convolution buffer (CBUF) as the compiler sizes it (``TargetConfig.cpp``).
+
+    Attributes:
+        banks: banks the compiler may use.
+        entries_per_bank: entries of one bank.
+        entry_width: bytes of one entry.
+        memory_atomic: bytes of one memory atom (channels of an atom in INT8).
+        atomic_k: output channels of one kernel group.
+        profile_banks: banks the default profile allots to data, and to weights, when a
+            layer must be split.
+    """
+
+    banks: int
+    entries_per_bank: int
+    entry_width: int
+    memory_atomic: int
+    atomic_k: int
+    profile_banks: int = 8
+
+
+#: The targets' convolution buffers.
+CBUF = {
+    "nv_full": ConvBuffer(banks=16, entries_per_bank=256, entry_width=128, memory_atomic=32, atomic_k=32),
+    "nv_large": ConvBuffer(banks=16, entries_per_bank=512, entry_width=64, memory_atomic=32, atomic_k=32),
+    "nv_small": ConvBuffer(banks=32, entries_per_bank=512, entry_width=8, memory_atomic=8, atomic_k=8),
+}
+
+
+def conv_buffer_banks(data: tuple[int, int, int], kernel: tuple[int, int, int, int],
+                      target: str = "nv_full") -> tuple[int, int, int]:
+    """Banks an INT8 direct convolution (or fully-connected layer) needs in CBUF.
+
+    The compiler's formulas (``ConvCoreNode::calculateEPS`` and ``calculateTotalBanksFor*``),
+    with one byte per element: the input ``(C, H, W)`` takes ``ceil(eps * H / entries)``
+    banks, ``eps`` being the entries of one row (``C`` in memory atoms of
+    ``memory_atomic`` bytes, ``entry_width / memory_atomic`` atoms to an entry); the
+    weights ``(K, C, R, S)`` take ``ceil(align(K C R S, entry_width) / entry_width / entries)``
+    banks, one kernel group the same with ``K = atomic_k``.
+
+    Returns:
+        ``(data_banks, weight_banks, kernel_group_banks)``.
+    """
+    cb = CBUF[target]
+    c, h, w = data
+    k, kc, r, s = kernel
+    per_entry = cb.entry_width // cb.memory_atomic
+    atoms = math.ceil(c / cb.memory_atomic)
+    last = atoms % per_entry
+    eps = (atoms // per_entry) * w + (w if last == 3 else math.ceil(last * w / per_entry))
+    bank_bytes = cb.entry_width * cb.entries_per_bank
+
+    def banks(nbytes: int) -> int:
+        return math.ceil(math.ceil(nbytes / cb.entry_width) * cb.entry_width / bank_bytes)
+
+    return math.ceil(eps * h / cb.entries_per_bank), banks(k * kc * r * s), banks(cb.atomic_k * kc * r * s)
+
+
+def _weights_do_not_fit(data_banks: int, weight_banks: int, group_banks: int, cb: ConvBuffer) -> bool:
+    """``ConvCoreNode::splitNodesInternal``'s "Not enough banks to hold weight data. No
+    software split supported": the input fits the profile's data banks but neither all the
+    weights nor one or two kernel groups fit beside it, and one kernel group alone fills
+    the profile's weight banks."""
+    if data_banks >= cb.profile_banks:
+        return False  # the compiler splits the input instead
+    fits = min(weight_banks, group_banks) + data_banks <= cb.banks
+    return not fits and group_banks >= cb.profile_banks
 
 
 @dataclass(frozen=True)
@@ -51,6 +123,26 @@ def _pad(p) -> int:
     return max(pads, default=0)
 
 
+def _cbuf_problem(layer, shape: tuple[int, ...], target: str) -> str | None:
+    """Why ``layer``'s weights cannot be placed in CBUF, or None."""
+    p = layer.type_params
+    _, c, h, w = shape
+    k = int(p.get("num_output", 0) or 0)
+    if k < 1:
+        return None
+    kernel = (k, c, *_kernel(p)) if layer.type == "Convolution" else (k, c, h, w)
+    if min(kernel) < 1:
+        return None
+    cb = CBUF[target]
+    data, weights, group = conv_buffer_banks((c, h, w), kernel, target)
+    if not _weights_do_not_fit(data, weights, group, cb):
+        return None
+    return (f"the INT8 weights {kernel[0]}x{kernel[1]}x{kernel[2]}x{kernel[3]} need {weights} banks of {target}'s "
+            f"convolution buffer ({group} for one group of {cb.atomic_k} kernels) beside {data} for the input, of "
+            f"{cb.banks}: the compiler fails ('Not enough banks to hold weight data'). Reduce the layer (e.g. pool "
+            "before it, or split its input channels into several layers and sum them)")
+
+
 def hardware_issues(net, target: str = "nv_full") -> list[HardwareIssue]:
     """Every layer of ``net`` (a parsed prototxt) that the compiler cannot run in INT8 on
     ``target``, from the open compiler's parser and engine (``TOOLCHAIN_FACTS.md``):
@@ -62,14 +154,19 @@ def hardware_issues(net, target: str = "nv_full") -> list[HardwareIssue]:
       pooling over a larger plane likewise;
     * Deconvolution with groups or padding; grouped convolution (listed as not
       implemented in INT8; the first layer cannot be grouped at all);
-    * Power and SoftmaxWithLoss: not deploy layers.
+    * Power and SoftmaxWithLoss: not deploy layers;
+    * a convolution or fully-connected layer whose INT8 weights do not fit the target's
+      convolution buffer beside its input (:func:`conv_buffer_banks`; the compiler has no
+      software split for it), when the net's input shapes are declared.
     """
     from ..caffe.prototxt import is_test_phase
+    from ..caffe.shapes import blob_shapes
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     issues: list[HardwareIssue] = []
     shapes = {k: tuple(v) for k, v in net.inputs.items()} if hasattr(net, "inputs") else {}
+    blobs = blob_shapes(net) if hasattr(net, "inputs") else {}
 
     def add(level: str, rule: str, layer, message: str) -> None:
         issues.append(HardwareIssue(level, rule, layer.name, layer.line, message))
@@ -117,6 +214,11 @@ def hardware_issues(net, target: str = "nv_full") -> list[HardwareIssue]:
                     f"group {group}: " + ("the image-input convolution cannot be grouped" if first else
                                           "grouped convolution is listed as not implemented in INT8; the compiler "
                                           "expands it to a dense kernel (group x the weights and MACs)"))
-        elif t in ("Power", "SoftmaxWithLoss"):
+        bottom = blobs.get(layer.bottoms[0], ()) if layer.bottoms else ()
+        if t in ("Convolution", "InnerProduct") and len(bottom) in (2, 4):
+            problem = _cbuf_problem(layer, (*bottom, 1, 1)[:4], target)
+            if problem:
+                add("error", "cbuf-weights", layer, problem)
+        if t in ("Power", "SoftmaxWithLoss"):
             add("warning", "not-deploy", layer, f"{t} is parsed but is not an inference layer NVDLA accelerates")
     return issues

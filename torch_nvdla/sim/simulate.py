@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..caffe.importer import caffe_pool_output_size
+from ..caffe.shapes import caffe_pool_output_size
 from ..calib.taps import (
     CallSites,
     TapSelection,
