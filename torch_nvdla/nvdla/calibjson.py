@@ -443,6 +443,18 @@ def nvdla_ranges(table, names: NvdlaNames | Mapping | Callable | None = None, *,
                 "missing key); export with export_caffe (its calib.json names every layer) or name it with --names"))
         else:
             findings.append(Finding("info", "unnamed-tap", t, "tap has no NVDLA name: not written"))
+    if names.traced:
+        for layer in names.layers:
+            reported = f"{layer.tap}:input" in res.unnamed  # (the warning above)
+            if layer.kind != "input" and not layer.inputs and layer.name not in res.missing and not reported:
+                # Its input was made by no module (a +, torch.cat, F.relu ... in forward, or an
+                # in-place change): in a Caffe net that op is a layer of its own.
+                findings.append(Finding(
+                    "warning", "functional-op", layer.name,
+                    f"{layer.name} reads a tensor no module produced (a +, cat, F.relu ... in forward): in the deploy "
+                    "prototxt that op is a layer whose calib.json key is missing here (the compiler aborts on a "
+                    "missing key); export with export_caffe (its calib.json names every layer), or check this "
+                    "file against the deploy prototxt"))
     for k in res.unmatched_overrides:
         findings.append(Finding("warning", "override", k, "name override matched no tap and no layer"))
     for t in names.dropped:
@@ -540,7 +552,8 @@ def export_calib_json(table, path: str | os.PathLike, names: NvdlaNames | Mappin
             them to the largest.
         allow_missing: write without the layers that have no tap (the compiler will abort
             on them; they are reported as errors) instead of raising.
-        show: print the upper-case path warning.
+        show: print each warning (one line each: functional ops, element-wise ranges,
+            an upper-case path ...); every finding is in the report either way.
 
     Returns:
         An :class:`ExportReport`.
@@ -566,9 +579,11 @@ def export_calib_json(table, path: str | os.PathLike, names: NvdlaNames | Mappin
     up = uppercase_path_finding(path, "warning")
     if up is not None:
         findings.append(up)
-        if show:
-            say(f"[yellow]warning:[/] {up.message}")
     written = atomic_write_json(path, obj)
+    if show:
+        for f in findings:
+            if f.level == "warning":
+                say(f"[yellow]warning:[/] {f.message} [dim]({f.rule})[/]")
     return ExportReport(written, scales, ranges, findings)
 
 

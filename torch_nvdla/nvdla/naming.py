@@ -136,6 +136,8 @@ class NvdlaNames:
         preset: the preset that produced them (``"custom"`` otherwise).
         unmatched_overrides: override keys that matched no tap and no layer.
         dropped: taps whose layer an override removed (``None`` value).
+        traced: the producers were traced by running the model, so a layer with no
+            ``inputs`` reads a tensor no module produced (a functional op's result).
     """
 
     layers: tuple[LayerName, ...]
@@ -143,6 +145,7 @@ class NvdlaNames:
     preset: str = "custom"
     unmatched_overrides: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
+    traced: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -522,7 +525,7 @@ def generic_names(model: nn.Module, example: Any, *, forward: Callable[[nn.Modul
         tap_name[call.tap] = name
     derived = (BN_NORMALIZED,) if any(c.normalized for c in calls) else ()
     return NvdlaNames(layers=layers, selection=TapSelection(inputs=tuple(need_inputs), derived=derived),
-                      preset="generic")
+                      preset="generic", traced=True)
 
 
 # ------------------------------------------------------------------------------------------
