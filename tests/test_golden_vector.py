@@ -68,10 +68,13 @@ def test_simulation_reproduces_the_compiler_multipliers(lenet):
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with int8_simulation(lenet, table, mode="nvdla", weights="per-kernel", example=x) as sim:
         plan = sim.plan
-        assert [layer.name for layer in plan.layers] == ["conv1", "pool1", "conv2", "pool2", "ip1", "ip2"]
+        assert [layer.name for layer in plan.layers] == ["conv1", "pool1", "conv2", "pool2", "ip1", "ip2", "prob"]
         # the fusion rule: ip1 + relu1 is one operation writing at relu1's scale
         assert plan.layer("ip1").taps == ("ip1", "relu1")
         for i, layer in enumerate(plan.layers):
+            if layer.kind == "softmax":  # the runtime's CPU emulator: INT8 in (ip2), INT8 out (prob)
+                assert (layer.input_taps, layer.output_tap) == (("ip2",), "prob")
+                continue
             if layer.name not in GOLDEN_MT:
                 assert layer.kind == "maxpool" and layer.output_tap == layer.input_taps[0]  # pool = producer
                 continue
@@ -87,7 +90,10 @@ def test_simulation_reproduces_the_compiler_multipliers(lenet):
             assert multiplier_shift(r, float32=True) == (m, t), layer.name
         with torch.no_grad():
             q = lenet(x)
-    assert q.shape == (4, 10) and torch.allclose(q.sum(1), torch.ones(4))
+    # the emulator truncates each probability to a multiple of S_prob: 10 classes lose < 10 steps
+    steps = q.double() / np.float32(table["prob"].scale)
+    assert q.shape == (4, 10) and torch.allclose(steps, steps.round(), rtol=0, atol=1e-4) and steps.min() >= 0
+    assert ((q.sum(1) <= 1 + 1e-6) & (q.sum(1) > 1 - 10 * table["prob"].scale)).all()
 
 
 def _write(path, obj) -> None:

@@ -524,3 +524,52 @@ def test_save_quantized_weights_names_bad_layer(tmp_path):
     assert not (tmp_path / "w.npz").exists() and not (tmp_path / "w.json").exists()
     with pytest.raises(ValueError, match="'good'.*s_in"):
         save_quantized_weights(tmp_path / "w.npz", tmp_path / "w.json", {"good": (torch.ones(2, 2), None, 0.0)})
+
+
+# -- the runtime's CPU softmax ------------------------------------------------------------------
+
+_HALVES = np.unique(np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64))
+_HALVES = _HALVES[np.isfinite(_HALVES)]
+
+
+def _half_away_reference(x: float) -> float:
+    """Slow and obvious: the nearest of all finite halves; a tie goes to the larger magnitude."""
+    i = int(np.searchsorted(_HALVES, x))
+    candidates = [_HALVES[j] for j in (i - 1, i) if 0 <= j < len(_HALVES)]
+    best = min(abs(c - x) for c in candidates)
+    nearest = [c for c in candidates if abs(c - x) == best]
+    return max(nearest, key=abs)
+
+
+def test_half_round_away_matches_the_nearest_half_with_ties_away_from_zero():
+    from torch_nvdla.nvdla.requant import half_round_away
+
+    rng = np.random.default_rng(0)
+    h = _HALVES[np.abs(_HALVES) < 60000]
+    ties = (h[:-1] + h[1:]) / 2  # every midpoint between neighbouring halves (float32-exact here)
+    xs = np.concatenate([ties[::7], rng.normal(0, 3, 2000), rng.uniform(-1e-6, 1e-6, 500),
+                         [0.0, -0.0, 2.0**-25, -(2.0**-25), 3 * 2.0**-26, 1 + 2.0**-11, -(1 + 2.0**-11)]])
+    xs = xs.astype(np.float32)
+    got = half_round_away(torch.from_numpy(xs)).double().numpy()
+    want = np.array([_half_away_reference(float(v)) for v in xs])
+    assert np.array_equal(got, want)
+    assert half_round_away(torch.tensor([1 + 2.0**-11])).item() == 1 + 2.0**-10  # .half() gives 1.0
+
+
+def test_emulator_softmax_hand_counted():
+    """Two equal inputs: p = 0.5 exactly, 0.5 * 127 = 63.5 truncates to 63. One input far
+    above the rest: p = 1 -> 127; the others exp(-big) -> 0."""
+    from torch_nvdla.nvdla.requant import emulator_softmax
+
+    out = emulator_softmax(torch.tensor([[127.0, 127.0], [0.0, 0.0]]), 1 / 127, 1 / 127)
+    assert out.tolist() == [[63.0, 63.0], [63.0, 63.0]]
+    assert emulator_softmax(torch.tensor([[127.0, -128.0]]), 1.0, 1 / 127).tolist() == [[127.0, 0.0]]
+    # S_in = 0.1: q = (10, 0, -10) -> h = (1, 0, -1) (halves 1.0, 0.0, -1.0);
+    # e = (1, e^-1, e^-2) -> p = (0.6652, 0.2447, 0.0900) -> half -> / (1/127) -> trunc
+    out = emulator_softmax(torch.tensor([[10.0, 0.0, -10.0]]), 0.1, 1 / 127)
+    e = np.exp(np.array([0.0, -1.0, -2.0]))
+    p = (e / e.sum()).astype(np.float16).astype(np.float32)
+    assert out.tolist() == [list(np.trunc(p / np.float32(1 / 127)))]
+    assert out.tolist() == [[84.0, 31.0, 11.0]]
+    # the output saturates at 127 (an S_out below 1/127)
+    assert emulator_softmax(torch.tensor([[127.0, -128.0]]), 1.0, 1 / 255).tolist() == [[127.0, 0.0]]

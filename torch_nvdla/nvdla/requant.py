@@ -23,7 +23,9 @@ __all__ = [
     "PDP_RECIP_BITS",
     "SHIFT_MAX",
     "avgpool_q16",
+    "emulator_softmax",
     "fake_quant",
+    "half_round_away",
     "int8_conv2d",
     "int8_linear",
     "multiplier_shift",
@@ -740,3 +742,44 @@ def fake_quant(x: torch.Tensor, scale: ScaleLike, *, axis: int | None = None) ->
     """
     q, s = _quantize_float(x, scale, axis)
     return (q * s).to(x.dtype)
+
+
+def half_round_away(x: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to IEEE half precision as the NVDLA runtime's ``half.h`` does:
+    to nearest, ties *away from zero* (``HALF_ROUND_TIES_TO_EVEN 0``); returned as float32.
+
+    ``Tensor.half()`` breaks ties to even; where ``x`` lies exactly halfway between two
+    halves and that choice went toward zero, the result steps one half-ulp away from zero
+    (the spacing above ``|h|``: ``2**(floor(log2 |h|) - 10)``, ``2**-24`` among subnormals).
+    """
+    x = x.to(torch.float32)
+    h = x.half().float()
+    mag = h.abs()
+    exponent = torch.floor(torch.log2(torch.where(mag > 0, mag, torch.full_like(mag, 2.0**-24))))
+    ulp = torch.exp2(torch.clamp(exponent, min=-14.0) - 10.0)
+    tie = ((x - h).abs() == ulp / 2) & (mag < x.abs()) & torch.isfinite(h)
+    return torch.where(tie, h + torch.sign(x) * ulp, h)
+
+
+def emulator_softmax(q: torch.Tensor, s_in: float, s_out: float) -> torch.Tensor:
+    """The INT8 softmax of the NVDLA runtime's CPU emulator (``Emulator.cpp``), per row.
+
+    For each row of ``q`` (``N x C`` int8 values): ``h_i = half(q_i * S_in)`` (a float32
+    product, :func:`half_round_away`); ``m = max_i h_i``; ``e_i = expf(h_i - m)`` in
+    float32, summed in channel order into a float32 ``sum``; ``p_i = half(e_i / sum)``; the
+    output ``int8(clamp(p_i / S_out, -128, 127))`` truncates toward zero. ``expf`` is taken
+    as correctly rounded (a float64 ``exp`` rounded to float32). ``S_in`` / ``S_out`` are
+    the float32 scales of the input and output tensors.
+
+    Returns:
+        The output integers, as float32.
+    """
+    s_in32 = torch.tensor(s_in, dtype=torch.float32, device=q.device)
+    s_out32 = torch.tensor(s_out, dtype=torch.float32, device=q.device)
+    h = half_round_away(q.to(torch.float32) * s_in32)
+    e = torch.exp((h - h.amax(dim=1, keepdim=True)).double()).float()
+    total = torch.zeros_like(e[:, 0])
+    for i in range(e.shape[1]):  # float32 additions in channel order, as the emulator's loop
+        total = total + e[:, i]
+    p = half_round_away(e / total[:, None])
+    return torch.trunc(torch.clamp(p / s_out32, float(INT8_MIN), float(INT8_MAX)))

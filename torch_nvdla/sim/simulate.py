@@ -28,7 +28,7 @@ from ..errors import CalibrationError
 from ..model.batch import call_args
 from ..model.state import eval_mode, model_fingerprint
 from ..nvdla.naming import PAD_SHORTCUT
-from ..nvdla.requant import avgpool_q16, multiplier_shift, rescale_ratio
+from ..nvdla.requant import avgpool_q16, emulator_softmax, multiplier_shift, rescale_ratio
 from ..nvdla.weights import (
     BIAS_LEFT_SHIFT_MAX,
     bias_int16_shift,
@@ -69,7 +69,7 @@ _MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d
 _SOFTMAX_TYPES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
 _WEIGHTED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _CALL_KINDS = ("conv", "fc", "bn", "relu", "add", "maxpool", "avgpool", "softmax", "pass", "generic", "opaque")
-_LAYER_KINDS = ("conv", "fc", "eltwise", "relu", "maxpool", "avgpool", "float")
+_LAYER_KINDS = ("conv", "fc", "eltwise", "relu", "maxpool", "avgpool", "softmax", "float")
 #: Layer kinds that end in a rescaling converter (they can write at any scale).
 _RESCALING = ("conv", "fc", "eltwise", "relu", "float")
 
@@ -196,8 +196,9 @@ class Layer:
 
     Attributes:
         name: the head call's tap (``layer1.0.conv1``).
-        kind: ``conv``, ``fc``, ``eltwise``, ``relu``, ``maxpool``, ``avgpool`` or
-            ``float`` (an op NVDLA does not have, run in float with its output quantized).
+        kind: ``conv``, ``fc``, ``eltwise``, ``relu``, ``maxpool``, ``avgpool``, ``softmax``
+            (the runtime's CPU emulator, INT8 in and out) or ``float`` (an op NVDLA does not
+            have, run in float with its output quantized).
         calls: indices of its calls, head first (conv, then fused BN and ReLU).
         taps: their taps.
         input_taps: per input, the table entry whose scale it is read at (``None``: none).
@@ -556,8 +557,8 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
             continue
         members = [c.index]
         kind = {"conv": "conv", "fc": "fc", "add": "eltwise", "relu": "relu", "maxpool": "maxpool",
-                "avgpool": "avgpool", "bn": "float", "generic": "float"}.get(c.kind)
-        if kind is None:  # pass, softmax, opaque: free ops
+                "avgpool": "avgpool", "bn": "float", "generic": "float", "softmax": "softmax"}.get(c.kind)
+        if kind is None:  # pass, opaque: free ops
             continue
         if kind in ("conv", "fc"):
             bn = _sole_reader(raw, members[-1], "bn")
@@ -595,7 +596,7 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
                 edge[c.index] = edge_of(c.producers[0]) if c.producers else None
                 if c.subsampled and g_i in override:  # its 1x1 subsampling conv can rescale
                     edge[c.index] = override[g_i]
-            elif c.kind in ("softmax", "opaque") or g is None:
+            elif c.kind == "opaque" or g is None:
                 edge[c.index] = None
             else:
                 edge[c.index] = override.get(g_i, natural_out(g))
@@ -1117,13 +1118,41 @@ class _AvgPool(_Runtime):
         return _dequant(y, s, x.dtype)
 
 
+class _Softmax(_Runtime):
+    """The runtime's CPU softmax (:func:`~torch_nvdla.nvdla.requant.emulator_softmax`).
+
+    The emulator reads the channel axis only: a softmax over another axis or over a plane
+    (``H x W > 1``) runs in float, with a note.
+    """
+
+    def __init__(self, layer, plan, table, modules, config):
+        super().__init__(layer, plan, table, modules, config)
+        dim = getattr(self.module, "dim", None)
+        shape = self.head.shape
+        self.emulated = len(shape) >= 2 and all(d == 1 for d in shape[2:]) and dim in (1, -len(shape), None) \
+            and isinstance(self.module, nn.Softmax)
+        if not self.emulated:
+            self.notes.append("softmax over another axis or a plane: not the emulator's (channels of one pixel); "
+                              "computed in float")
+
+    def __call__(self, args, kwargs, orig):
+        x = args[0]
+        if not self.emulated or self.s_out is None:
+            return orig(*args, **kwargs)
+        q = self.read(x, 0).reshape(x.shape[0], x.shape[1])
+        if self.fake:
+            q = torch.round(q / _s32(self.s_in[0], x.device))
+        out = emulator_softmax(q, self.s_in[0], self.s_out)
+        return _dequant(out, self.s_out, x.dtype).reshape(x.shape)
+
+
 class _Float(_Runtime):
     def __call__(self, args, kwargs, orig):
         return _fq(orig(*args, **kwargs), self.s_out)
 
 
 _RUNTIMES = {"conv": _ConvFC, "fc": _ConvFC, "eltwise": _Eltwise, "relu": _Relu, "maxpool": _MaxPool,
-             "avgpool": _AvgPool, "float": _Float}
+             "avgpool": _AvgPool, "float": _Float, "softmax": _Softmax}
 
 
 # ------------------------------------------------------------------------------------------
