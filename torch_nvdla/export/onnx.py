@@ -945,6 +945,64 @@ def export_onnx(
     """
     import onnx
 
+    _check_export_options(model, table, path, qdq=qdq, cache=cache, placement=placement, weights=weights,
+                          opset=opset)
+    if fold_batchnorm is None:
+        fold_batchnorm = placement == "nvdla"
+    args = _as_args(example_input)
+    dev = model_device(model) or torch.device("cpu")
+    args_dev = tuple(a.to(dev) for a in args)
+    plain = _torch_export(model, args_dev, opset=opset, input_names=input_names, output_names=output_names,
+                          dynamic_batch=dynamic_batch, fold_batchnorm=fold_batchnorm)
+    onnx.checker.check_model(plain, full_check=True)
+
+    targets, reasons = _placement_targets(model, table, args_dev, placement, weights) if qdq else ({}, {})
+    mapping = _map_table(model, table, plain, args, targets, derived)
+    chosen, not_quantized = _choose_tensors(plain, mapping, targets, reasons)
+    final, quantized, qweights = plain, [], {}
+    if qdq:
+        final, quantized, qweights = _insert_qdq(plain, table, chosen, weights)
+    owners_amax = {tensor: float(table[tap].amax) for tensor, tap in mapping.owners.items() if tap in table}
+    cache_amax, propagated, uncovered = _cache_ranges(plain, owners_amax) if cache is not None else ({}, {}, ())
+    out_path, plain_path, cache_path = _write_onnx_files(path, cache, final, plain, qdq, cache_amax, trt_version)
+    result = _result(mapping, table, targets, quantized, not_quantized, qdq=qdq, placement=placement, weights=weights,
+                     path=out_path, cache_path=cache_path, plain_path=plain_path, propagated=propagated,
+                     uncovered=uncovered, qweights=qweights, final=final, plain=plain)
+    if show:
+        result.print(table)
+    else:
+        _say_gaps(result)
+    return result
+
+
+def _result(mapping: _Mapping, table, targets, quantized, not_quantized: dict[str, str], *, qdq: bool,
+            placement: str, weights, path, cache_path, plain_path, propagated, uncovered, qweights, final,
+            plain) -> "OnnxExport":
+    """The :class:`OnnxExport` of one export: what each tap became."""
+    by_tensor = {q.tensor: q for q in quantized}
+    for tap, t in mapping.tensors.items():
+        if qdq and t not in by_tensor and tap in table and tap not in not_quantized:
+            not_quantized[tap] = "no Q/DQ on this tensor"
+    wanted = set(table) | set(targets)
+    unmapped = {tap: why for tap, why in mapping.unmapped.items() if tap in wanted}
+    tensors = {tap: t for tap, t in mapping.tensors.items() if tap in wanted}
+    return OnnxExport(
+        path=path, cache_path=cache_path, plain_path=plain_path, qdq=qdq, placement=placement,
+        weights=weights if qdq else None, tensors=tensors,
+        aliases={k: v for k, v in mapping.aliases.items() if k in tensors},
+        unmapped=unmapped, fused_into={k: v for k, v in mapping.fused_into.items() if k in unmapped},
+        quantized=tuple(quantized), not_quantized=not_quantized,
+        qdq_tensors={tap: by_tensor[t].dq for tap, t in mapping.tensors.items() if t in by_tensor},
+        propagated=propagated, uncovered=uncovered,
+        quantized_weights=qweights, match_error=dict(mapping.errors), amax_conflicts=_amax_conflicts(mapping, table),
+        input_names=tuple(i.name for i in plain.graph.input), output_names=tuple(o.name for o in plain.graph.output),
+        model=final, plain_model=plain,
+    )
+
+
+def _check_export_options(model, table, path, *, qdq: bool, cache, placement: str, weights: str | None,
+                          opset: int) -> None:
+    """:func:`export_onnx`'s argument checks (a :class:`CalibrationError` naming the value)."""
     if not isinstance(model, nn.Module):
         raise CalibrationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not len(table):
@@ -957,16 +1015,12 @@ def export_onnx(
         raise CalibrationError(f"Q/DQ export needs opset >= 13 (per-axis DequantizeLinear), got opset={opset}")
     if cache is not None and path is None:
         raise CalibrationError("a TensorRT cache needs the ONNX model it refers to: give a path")
-    if fold_batchnorm is None:
-        fold_batchnorm = placement == "nvdla"
-    args = _as_args(example_input)
-    dev = model_device(model) or torch.device("cpu")
-    args_dev = tuple(a.to(dev) for a in args)
-    plain = _torch_export(model, args_dev, opset=opset, input_names=input_names, output_names=output_names,
-                          dynamic_batch=dynamic_batch, fold_batchnorm=fold_batchnorm)
-    onnx.checker.check_model(plain, full_check=True)
 
-    targets, reasons = _placement_targets(model, table, args_dev, placement, weights) if qdq else ({}, {})
+
+def _map_table(model: nn.Module, table, plain, args: tuple, targets: Mapping[str, str],
+               derived: Sequence[DerivedTap]) -> _Mapping:
+    """Taps (the table's and the placement's) matched to tensors of the plain graph; refuses a
+    table none of whose module taps is a call of this model."""
     names = list(dict.fromkeys([*table, *targets]))
     mapping = map_taps(model, _Names(names, getattr(table, "infos", {})), plain, args, derived=derived)
     module_taps = [t for t in table if t != "data"]
@@ -976,16 +1030,26 @@ def export_onnx(
             f"no tap of the table ({', '.join(module_taps[:6])}{' ...' if len(module_taps) > 6 else ''}) is a module "
             f"call of this {type(model).__name__}: is the table from this model?"
         )
-    owners_amax = {tensor: float(table[tap].amax) for tensor, tap in mapping.owners.items() if tap in table}
+    return mapping
+
+
+def _amax_conflicts(mapping: _Mapping, table) -> dict[str, tuple[float, float]]:
+    """Taps on the same tensor as another tap (an alias) whose ranges differ."""
     conflicts = {}
     for tap, owner in mapping.aliases.items():
         if tap in table and owner in table:
             a, b = float(table[tap].amax), float(table[owner].amax)
             if not math.isclose(a, b, rel_tol=1e-6):
                 conflicts[tap] = (a, b)
+    return conflicts
 
+
+def _choose_tensors(plain, mapping: _Mapping, targets: Mapping[str, str], reasons: Mapping[str, str]
+                    ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """Which tensor gets a Q/DQ pair at which tap's range: ``tensor -> (tap, scale tap)``, and
+    the taps left in float with the reason (softmax outputs stay float)."""
     producers = {o: n.op_type for n in plain.graph.node for o in n.output}
-    chosen: dict[str, tuple[str, str]] = {}  # tensor -> (tap, scale tap)
+    chosen: dict[str, tuple[str, str]] = {}
     not_quantized = {tap: why for tap, why in reasons.items() if tap in mapping.tensors}
     for tap, scale_tap in targets.items():
         tensor = mapping.tensors.get(tap)
@@ -995,26 +1059,24 @@ def export_onnx(
             not_quantized[tap] = "softmax stays float (NVDLA runs it on the CPU)"
         elif tensor not in chosen:
             chosen[tensor] = (tap, scale_tap)
-    quantized: list[QuantizedTensor] = []
-    final = plain
-    qweights: dict[str, str] = {}
-    if qdq:
-        final, dq_names, qweights = quantize_onnx(
-            plain, {t: float(table[s].amax) for t, (_, s) in chosen.items()}, weights=weights)
-        order = {name: i for i, name in enumerate([i.name for i in plain.graph.input]
-                                                  + [o for n in plain.graph.node for o in n.output])}
-        for tensor in sorted(chosen, key=lambda t: order.get(t, 1 << 30)):
-            tap, scale_tap = chosen[tensor]
-            quantized.append(QuantizedTensor(tensor, tap, scale_tap, float(table[scale_tap].amax), dq_names[tensor]))
-    by_tensor = {q.tensor: q for q in quantized}
-    qdq_tensors = {tap: by_tensor[t].dq for tap, t in mapping.tensors.items() if t in by_tensor}
-    for tap, t in mapping.tensors.items():
-        if qdq and t not in by_tensor and tap in table and tap not in not_quantized:
-            not_quantized[tap] = "no Q/DQ on this tensor"
-    unmapped = {tap: why for tap, why in mapping.unmapped.items() if tap in table or tap in targets}
-    tensors = {tap: t for tap, t in mapping.tensors.items() if tap in table or tap in targets}
-    cache_amax, propagated, uncovered = _cache_ranges(plain, owners_amax) if cache is not None else ({}, {}, ())
+    return chosen, not_quantized
 
+
+def _insert_qdq(plain, table, chosen: Mapping[str, tuple[str, str]], weights: str | None):
+    """The Q/DQ graph, its :class:`QuantizedTensor` s in graph order, and the quantized weights."""
+    final, dq_names, qweights = quantize_onnx(
+        plain, {t: float(table[s].amax) for t, (_, s) in chosen.items()}, weights=weights)
+    order = {name: i for i, name in enumerate([i.name for i in plain.graph.input]
+                                              + [o for n in plain.graph.node for o in n.output])}
+    quantized = []
+    for tensor in sorted(chosen, key=lambda t: order.get(t, 1 << 30)):
+        tap, scale_tap = chosen[tensor]
+        quantized.append(QuantizedTensor(tensor, tap, scale_tap, float(table[scale_tap].amax), dq_names[tensor]))
+    return final, quantized, qweights
+
+
+def _write_onnx_files(path, cache, final, plain, qdq: bool, cache_amax, trt_version):
+    """Write the model (and the plain graph plus the cache); returns their paths."""
     out_path = cache_path = plain_path = None
     if path is not None:
         out_path = Path(path)
@@ -1025,33 +1087,24 @@ def export_onnx(
             plain_path = _noqdq_path(out_path)
             atomic_write_bytes(plain_path, plain.SerializeToString())
         cache_path = _write_cache(Path(cache), cache_amax, trt_version)
-    result = OnnxExport(
-        path=out_path, cache_path=cache_path, plain_path=plain_path, qdq=qdq, placement=placement,
-        weights=weights if qdq else None, tensors=tensors,
-        aliases={k: v for k, v in mapping.aliases.items() if k in tensors},
-        unmapped=unmapped, fused_into={k: v for k, v in mapping.fused_into.items() if k in unmapped},
-        quantized=tuple(quantized), not_quantized=not_quantized, qdq_tensors=qdq_tensors,
-        propagated=propagated, uncovered=uncovered,
-        quantized_weights=qweights, match_error=dict(mapping.errors), amax_conflicts=conflicts,
-        input_names=tuple(i.name for i in plain.graph.input), output_names=tuple(o.name for o in plain.graph.output),
-        model=final, plain_model=plain,
-    )
-    if show:
-        result.print(table)
-    else:
-        from ..utils.console import say
+    return out_path, plain_path, cache_path
 
-        if unmapped:
-            say(f"[yellow]export_onnx: {len(unmapped)} tap(s) have no ONNX tensor:[/] "
-                + ", ".join(f"{k} ({v.split(' holds')[0]})" for k, v in list(unmapped.items())[:6])
-                + (f" ... and {len(unmapped) - 6} more" if len(unmapped) > 6 else ""))
-        if result.in_float:
-            say(f"[yellow]export_onnx: {len(result.in_float)} tap(s) run in FP32 (no range for their layer):[/] "
-                + ", ".join(list(result.in_float)[:8]))
-        if result.uncovered:
-            say(f"[yellow]export_onnx: {len(result.uncovered)} float tensor(s) have no range in the cache:[/] "
-                + ", ".join(result.uncovered[:8]))
-    return result
+
+def _say_gaps(result: "OnnxExport") -> None:
+    """One stderr line per kind of gap: taps without a tensor, taps in FP32, uncovered tensors."""
+    from ..utils.console import say
+
+    unmapped = result.unmapped
+    if unmapped:
+        say(f"[yellow]export_onnx: {len(unmapped)} tap(s) have no ONNX tensor:[/] "
+            + ", ".join(f"{k} ({v.split(' holds')[0]})" for k, v in list(unmapped.items())[:6])
+            + (f" ... and {len(unmapped) - 6} more" if len(unmapped) > 6 else ""))
+    if result.in_float:
+        say(f"[yellow]export_onnx: {len(result.in_float)} tap(s) run in FP32 (no range for their layer):[/] "
+            + ", ".join(list(result.in_float)[:8]))
+    if result.uncovered:
+        say(f"[yellow]export_onnx: {len(result.uncovered)} float tensor(s) have no range in the cache:[/] "
+            + ", ".join(result.uncovered[:8]))
 
 
 class _Names(list):
