@@ -544,145 +544,185 @@ def _table_model_check(table, raw: Sequence[_RawCall], model: nn.Module, config:
         if unknown else []
 
 
-def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: SimulationConfig) -> SimulationPlan:
-    fingerprint = model_fingerprint(model)  # hashes every weight: once per plan
-    notes = _table_model_check(table, raw, model, config, fingerprint)
-    n = len(raw)
-    call_layer: list[int | None] = [None] * n
-    groups: list[dict] = []
+@dataclass
+class _Group:
+    """Calls fused into one NVDLA operation while the plan is built (head call first)."""
 
-    # 1. Fast-math fusion into NVDLA operations.
+    kind: str
+    calls: list[int]
+
+    @property
+    def head(self) -> int:
+        return self.calls[0]
+
+    @property
+    def tail(self) -> int:
+        return self.calls[-1]
+
+
+#: Call kind -> the NVDLA operation it heads (pass and opaque calls head none).
+_OPERATION_OF = {"conv": "conv", "fc": "fc", "add": "eltwise", "relu": "relu", "maxpool": "maxpool",
+                 "avgpool": "avgpool", "bn": "float", "generic": "float", "softmax": "softmax"}
+
+
+def _fuse(raw: Sequence[_RawCall]) -> tuple[list[int | None], list[_Group]]:
+    """Fast-math fusion: a conv / fc takes its sole BatchNorm reader and then its sole ReLU
+    reader; a sum its sole ReLU reader. Returns each call's group (or None) and the groups."""
+    call_layer: list[int | None] = [None] * len(raw)
+    groups: list[_Group] = []
     for c in raw:
-        if call_layer[c.index] is not None:
+        kind = _OPERATION_OF.get(c.kind)
+        if call_layer[c.index] is not None or kind is None:
             continue
         members = [c.index]
-        kind = {"conv": "conv", "fc": "fc", "add": "eltwise", "relu": "relu", "maxpool": "maxpool",
-                "avgpool": "avgpool", "bn": "float", "generic": "float", "softmax": "softmax"}.get(c.kind)
-        if kind is None:  # pass, opaque: free ops
-            continue
-        if kind in ("conv", "fc"):
-            bn = _sole_reader(raw, members[-1], "bn")
-            if bn is not None:
-                members.append(bn)
-            relu = _sole_reader(raw, members[-1], "relu")
-            if relu is not None:
-                members.append(relu)
-        elif kind == "eltwise":
-            relu = _sole_reader(raw, members[-1], "relu")
-            if relu is not None:
-                members.append(relu)
+        followers = {"conv": ("bn", "relu"), "fc": ("bn", "relu"), "eltwise": ("relu",)}.get(kind, ())
+        for follower in followers:
+            nxt = _sole_reader(raw, members[-1], follower)
+            if nxt is not None:
+                members.append(nxt)
         for i in members:
             call_layer[i] = len(groups)
-        groups.append({"kind": kind, "calls": members, "notes": []})
+        groups.append(_Group(kind, members))
+    return call_layer, groups
 
-    # 2. Scales of every tensor (edge taps), the element-wise rule applied to a fixed point.
+
+def _edge_of(edge: Sequence[str | None], p: int | None) -> str | None:
+    """The table entry a tensor made by call ``p`` is written at."""
+    if p is None:
+        return None
+    return "data" if p == DATA else edge[p]
+
+
+def _edge_scales(raw: Sequence[_RawCall], call_layer: Sequence[int | None], groups: Sequence[_Group]
+                 ) -> list[str | None]:
+    """The table entry every call's output is written at, with the compiler's element-wise rule
+    applied to a fixed point.
+
+    A group writes at its last call's tap; pools and value-preserving calls keep their
+    input's. When the two inputs of a sum differ, the producer of the earlier-created one
+    (when it can rescale) writes at the later one's entry instead, which moves every other
+    reader of that tensor too: iterate until nothing changes.
+    """
     override: dict[int, str | None] = {}
-    edge: list[str | None] = [None] * n
-
-    def edge_of(p: int | None) -> str | None:
-        if p is None:
-            return None
-        return "data" if p == DATA else edge[p]
-
-    def natural_out(g: dict) -> str | None:
-        return raw[g["calls"][-1]].tap
-
+    edge: list[str | None] = [None] * len(raw)
     for _ in range(len(raw) + 2):
         before = list(edge)
         for c in raw:
             g_i = call_layer[c.index]
             g = groups[g_i] if g_i is not None else None
-            if c.kind == "pass" or (g is not None and g["kind"] in ("maxpool", "avgpool")):
-                edge[c.index] = edge_of(c.producers[0]) if c.producers else None
+            if c.kind == "pass" or (g is not None and g.kind in ("maxpool", "avgpool")):
+                edge[c.index] = _edge_of(edge, c.producers[0]) if c.producers else None
                 if c.subsampled and g_i in override:  # its 1x1 subsampling conv can rescale
                     edge[c.index] = override[g_i]
             elif c.kind == "opaque" or g is None:
                 edge[c.index] = None
             else:
-                edge[c.index] = override.get(g_i, natural_out(g))
-        for g_i, g in enumerate(groups):
-            if g["kind"] != "eltwise":
-                continue
-            head = raw[g["calls"][0]]
-            if len(head.producers) != 2:
+                edge[c.index] = override.get(g_i, raw[g.tail].tap)
+        for g in groups:
+            head = raw[g.head]
+            if g.kind != "eltwise" or len(head.producers) != 2:
                 continue
             e = _earlier_index(head.producers, raw)
             a, b = _origin(head.producers[e], raw), head.producers[1 - e]
-            sb = edge_of(b)
+            sb = _edge_of(edge, b)
             if a is None or a == DATA or sb is None:
                 continue
             ga = call_layer[a]
-            if ga is not None and (groups[ga]["kind"] in _RESCALING or raw[a].subsampled) \
-                    and groups[ga]["calls"][-1] == a:
+            if ga is not None and (groups[ga].kind in _RESCALING or raw[a].subsampled) and groups[ga].tail == a:
                 override[ga] = sb
         if edge == before:
             break
+    return edge
 
-    # 3. Layers: inputs, outputs, what the table must hold.
+
+def _layer_inputs(g: _Group, raw: Sequence[_RawCall], edge: Sequence[str | None], tapset: set[str],
+                  notes: list[str]) -> list[str | None]:
+    """The entries a group's inputs are read at (a functional op's result: its ``:input`` tap)."""
+    head = raw[g.head]
+    inputs: list[str | None] = []
+    for p in head.producers[: (2 if g.kind == "eltwise" else 1)]:
+        src = _edge_of(edge, p)
+        if src is None and f"{head.tap}:input" in tapset:
+            src = f"{head.tap}:input"
+            notes.append(f"input producer unknown (a functional op): read at '{src}'")
+        inputs.append(src)
+    return [] if g.kind == "float" else inputs
+
+
+def _eltwise_notes(g: _Group, g_i: int, raw, inputs, call_layer) -> list[str]:
+    """What the element-wise rule did to a sum's inputs."""
+    head = raw[g.head]
+    ea = _earlier_index(head.producers, raw)
+    a = _origin(head.producers[ea], raw)
+    early, late = inputs[ea], inputs[1 - ea]
+    if late is not None and early != late:
+        return [f"earlier input re-quantized from '{early}' to '{late}' in float: its producer cannot rescale "
+                "(not integer-exact)"]
+    if a is not None and a != DATA and g_i != call_layer[a] and late is not None:
+        return ["element-wise rule: the earlier-created input is written at the later one's scale"]
+    return []
+
+
+def _output_tap(g: _Group, raw, edge, inputs, tapset: set[str], notes: list[str]) -> str | None:
+    """The entry a group writes at (a pool keeps its input's; a rescaling op may take a sum's)."""
+    head, tail = raw[g.head], raw[g.tail]
+    if g.kind in ("maxpool", "avgpool"):
+        first = inputs[0] if inputs else None
+        out_tap = edge[tail.index] if head.subsampled else first
+        if out_tap != first:
+            notes.append("element-wise rule: its subsampling 1x1 conv writes at the sum's later input's scale")
+        if head.tap in tapset and out_tap != head.tap:
+            notes.append(f"entry '{head.tap}' unused (a pool keeps its input's scale)")
+        return out_tap
+    out_tap = edge[tail.index]
+    if out_tap != tail.tap and g.kind in _RESCALING:
+        notes.append("element-wise rule: writes at the scale of the sum's later-created input")
+    return out_tap
+
+
+def _make_layer(g_i: int, g: _Group, raw, edge, call_layer, tapset: set[str]) -> tuple[Layer, list[str]]:
+    """One :class:`Layer` and the taps the table must hold for it."""
+    head = raw[g.head]
+    notes: list[str] = []
+    inputs = _layer_inputs(g, raw, edge, tapset, notes)
+    if g.kind == "eltwise" and len(inputs) == 2:
+        notes.extend(_eltwise_notes(g, g_i, raw, inputs, call_layer))
+    out_tap = _output_tap(g, raw, edge, inputs, tapset, notes)
+    if len(g.calls) > 1:
+        notes.append("fused: " + " + ".join(raw[i].tap for i in g.calls))
+    if g.kind == "float":
+        notes.append(f"{head.module_type} is not an NVDLA op here: float on carried values, output quantized")
+    layer = Layer(name=head.tap, kind=g.kind, calls=tuple(g.calls), taps=tuple(raw[i].tap for i in g.calls),
+                  input_taps=tuple(inputs), output_tap=out_tap, integer_exact=g.kind != "float", notes=tuple(notes))
+    if g.kind == "float":
+        lacks = [] if head.tap in tapset else [head.tap]
+    else:
+        lacks = [t if t is not None else f"{head.tap}:input" for t in layer.needed_taps if t is None or t not in tapset]
+        if any(t is None for t in inputs):
+            lacks.append(f"{head.tap}:input")
+    return layer, list(dict.fromkeys(lacks))
+
+
+def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: SimulationConfig) -> SimulationPlan:
+    """The NVDLA graph of one discovered forward: fusion, the scale of every tensor, the layers."""
+    fingerprint = model_fingerprint(model)  # hashes every weight: once per plan
+    notes = _table_model_check(table, raw, model, config, fingerprint)
+    call_layer, groups = _fuse(raw)
+    edge = _edge_scales(raw, call_layer, groups)
+    tapset = set(table)
     layers: list[Layer] = []
     needed: list[tuple[str, str]] = []
-    tapset = set(table)
     for g_i, g in enumerate(groups):
-        head = raw[g["calls"][0]]
-        tail = raw[g["calls"][-1]]
-        g_notes = list(g["notes"])
-        inputs: list[str | None] = []
-        for p in head.producers[: (2 if g["kind"] == "eltwise" else 1)]:
-            src = edge_of(p)
-            if src is None and f"{head.tap}:input" in tapset:
-                src = f"{head.tap}:input"
-                g_notes.append(f"input producer unknown (a functional op): read at '{src}'")
-            inputs.append(src)
-        if g["kind"] == "float":
-            inputs = []
-        if g["kind"] == "eltwise" and len(inputs) == 2:
-            ea = _earlier_index(head.producers, raw)
-            a = _origin(head.producers[ea], raw)
-            early, late = inputs[ea], inputs[1 - ea]
-            if late is not None and early != late:
-                g_notes.append(
-                    f"earlier input re-quantized from '{early}' to '{late}' in float: its producer cannot "
-                    "rescale (not integer-exact)"
-                )
-            elif a is not None and a != DATA and g_i != call_layer[a] and late is not None:
-                g_notes.append("element-wise rule: the earlier-created input is written at the later one's scale")
-        if g["kind"] in ("maxpool", "avgpool"):
-            out_tap = edge[tail.index] if head.subsampled else (inputs[0] if inputs else None)
-            if out_tap != (inputs[0] if inputs else None):
-                g_notes.append("element-wise rule: its subsampling 1x1 conv writes at the sum's later input's scale")
-            if head.tap in tapset and out_tap != head.tap:
-                g_notes.append(f"entry '{head.tap}' unused (a pool keeps its input's scale)")
-        else:
-            out_tap = edge[tail.index]
-            if out_tap != tail.tap and g["kind"] in _RESCALING:
-                g_notes.append("element-wise rule: writes at the scale of the sum's later-created input")
-        if len(g["calls"]) > 1:
-            g_notes.append("fused: " + " + ".join(raw[i].tap for i in g["calls"]))
-        exact = g["kind"] != "float"
-        if g["kind"] == "float":
-            g_notes.append(f"{head.module_type} is not an NVDLA op here: float on carried values, output quantized")
-        layer = Layer(name=head.tap, kind=g["kind"], calls=tuple(g["calls"]), taps=tuple(raw[i].tap for i in g["calls"]),
-                      input_taps=tuple(inputs), output_tap=out_tap, integer_exact=exact, notes=tuple(g_notes))
+        layer, lacks = _make_layer(g_i, g, raw, edge, call_layer, tapset)
         layers.append(layer)
-        if g["kind"] == "float":
-            lacks = [] if head.tap in tapset else [head.tap]
-        else:
-            lacks = [t if t is not None else f"{head.tap}:input" for t in layer.needed_taps if t is None or t not in tapset]
-            if any(t is None for t in inputs):
-                lacks.append(f"{head.tap}:input")
-        for t in dict.fromkeys(lacks):
-            needed.append((layer.name, t))
-
-    used = {t for layer in layers for t in layer.needed_taps}
-    if config.placement == "all":
-        used = set(tapset)
-    unused = tuple(t for t in table if t not in used)
+        needed.extend((layer.name, t) for t in lacks)
+    used = set(tapset) if config.placement == "all" else {t for layer in layers for t in layer.needed_taps}
     return SimulationPlan(
         calls=tuple(CallNode(index=c.index, tap=c.tap, path=c.path, call=c.call, module_type=c.module_type, kind=c.kind,
                              producers=tuple(c.producers), consumers=tuple(c.consumers), is_output=c.is_output,
                              shape=tuple(c.shape), subsampled=c.subsampled) for c in raw),
         layers=tuple(layers), call_layer=tuple(call_layer), edge_taps=tuple(edge), missing=tuple(needed),
-        unused_taps=unused, notes=tuple(notes), fingerprint=fingerprint,
+        unused_taps=tuple(t for t in table if t not in used), notes=tuple(notes), fingerprint=fingerprint,
     )
 
 
