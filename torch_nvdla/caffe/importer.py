@@ -601,16 +601,7 @@ def build_module(net: CaffeNet, weights: CaffeNet | Mapping[str, Sequence[np.nda
         source: the name used in messages (default: the net's source).
     """
     source = source or net.source or "<net>"
-    if weights is None:
-        blobs_by_layer = {layer.name: layer.blobs for layer in net.layers if layer.blobs}
-        with_any = bool(blobs_by_layer)
-    elif isinstance(weights, CaffeNet):
-        blobs_by_layer = {layer.name: layer.blobs for layer in weights.layers if layer.blobs}
-        with_any = True
-    else:
-        blobs_by_layer = {k: list(v) for k, v in weights.items()}
-        with_any = True
-
+    blobs_by_layer, with_any = _blobs_by_layer(net, weights)
     problems = structure_problems(net, SUPPORTED_TYPES, include=_phase_included)
     if problems:
         p = problems[0]
@@ -618,80 +609,102 @@ def build_module(net: CaffeNet, weights: CaffeNet | Mapping[str, Sequence[np.nda
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         kind = f" ({p.type})" if p.type else ""
         raise CaffeImportError(f"{source}{line}: layer {p.layer!r}{kind}: {p.problem}{more}")
-    inputs: dict[str, tuple[int, ...]] = dict(net.declared_inputs)
     layers = [layer for layer in net.layers if _phase_included(layer)]
+    inputs = _input_shapes(net, layers, input_shape, source)
+
+    # Shape inference runs every new module on zeros of batch size 1.
+    values: dict[str, torch.Tensor] = {n: torch.zeros((1, *s[1:])) for n, s in inputs.items()}
+    steps: list[_Step] = []
+    modules: dict[str, nn.Module] = {}
+    used: set[str] = set()
+    types: dict[str, str] = {}
+    for layer in layers:
+        if layer.type == "Input":
+            continue
+        if layer.type == "Split":
+            steps.append(_Step(layer.name, None, tuple(layer.bottoms) * len(layer.tops), tuple(layer.tops)))
+            values.update({t: values[layer.bottoms[0]] for t in layer.tops})
+            continue
+        module, flatten = _build_layer(layer, values, blobs_by_layer.get(layer.name, []), with_any, source)
+        name = _module_name(layer.name, used)
+        modules[name] = module
+        types[layer.name] = layer.type
+        steps.append(_Step(layer.name, name, tuple(layer.bottoms), tuple(layer.tops), flatten))
+    module = CaffeNetModule(net.name, inputs, steps, modules, _output_blobs(inputs, steps, source), types)
+    module.blob_shapes = {n: tuple(v.shape) for n, v in values.items()}
+    return module.eval()
+
+
+def _blobs_by_layer(net: CaffeNet, weights) -> tuple[dict[str, list], bool]:
+    """Layer name -> blobs (from ``weights``, or the net's own), and whether any were given."""
+    if weights is None:
+        blobs = {layer.name: layer.blobs for layer in net.layers if layer.blobs}
+        return blobs, bool(blobs)
+    if isinstance(weights, CaffeNet):
+        return {layer.name: layer.blobs for layer in weights.layers if layer.blobs}, True
+    return {k: list(v) for k, v in weights.items()}, True
+
+
+def _input_shapes(net: CaffeNet, layers: Sequence[CaffeLayer], input_shape, source: str) -> dict[str, tuple[int, ...]]:
+    """Every input's shape: declared (``input:`` or ``Input`` layers), then ``input_shape``."""
+    inputs: dict[str, tuple[int, ...]] = dict(net.declared_inputs)
     for layer in layers:
         if layer.type == "Input":
             shapes = layer.type_params.get_all("shape")
             for k, top in enumerate(layer.tops):
                 msg = shapes[k] if k < len(shapes) else (shapes[0] if shapes else None)
                 inputs[top] = tuple(int(d) for d in msg.get_all("dim")) if isinstance(msg, Message) else ()
-    if input_shape is not None:
-        if isinstance(input_shape, Mapping):
-            for k, v in input_shape.items():
-                if k not in inputs:
-                    raise CaffeImportError(f"{source}: input_shape names {k!r}, not an input of the net ({list(inputs)})")
-                inputs[k] = tuple(int(d) for d in v)
-        else:
-            if len(inputs) != 1:
-                raise CaffeImportError(f"{source}: the net has {len(inputs)} inputs; give input_shape as a mapping")
-            inputs[next(iter(inputs))] = tuple(int(d) for d in input_shape)
+    if isinstance(input_shape, Mapping):
+        for k, v in input_shape.items():
+            if k not in inputs:
+                raise CaffeImportError(f"{source}: input_shape names {k!r}, not an input of the net ({list(inputs)})")
+            inputs[k] = tuple(int(d) for d in v)
+    elif input_shape is not None:
+        if len(inputs) != 1:
+            raise CaffeImportError(f"{source}: the net has {len(inputs)} inputs; give input_shape as a mapping")
+        inputs[next(iter(inputs))] = tuple(int(d) for d in input_shape)
     if not inputs:
         raise CaffeImportError(f"{source}: the net declares no input (no Input layer, no 'input:' field)")
     for name, shape in inputs.items():
         if not shape or any(d < 1 for d in shape):
             raise CaffeImportError(f"{source}: input {name!r} has no usable shape {shape}; pass input_shape=")
+    return inputs
 
-    # Shape inference runs every new module on zeros of batch size 1.
-    values: dict[str, torch.Tensor] = {n: torch.zeros((1, *s[1:])) for n, s in inputs.items()}
-    blob_shapes = {n: tuple(v.shape) for n, v in values.items()}
-    steps: list[_Step] = []
-    modules: dict[str, nn.Module] = {}
-    used: set[str] = set()
-    types: dict[str, str] = {}
-    for layer in layers:
-        where = _where(layer, source)
-        if layer.type == "Input":
-            continue
-        if layer.type == "Split":
-            steps.append(_Step(layer.name, None, tuple(layer.bottoms) * len(layer.tops), tuple(layer.tops)))
-            for t in layer.tops:
-                values[t] = values[layer.bottoms[0]]
-                blob_shapes[t] = blob_shapes[layer.bottoms[0]]
-            continue
-        builder = _BUILDERS[layer.type]  # structure_problems checked the type
-        if len(layer.tops) != 1:
-            raise CaffeImportError(f"{where}: {len(layer.tops)} tops; only single-top layers are supported")
-        n_bottoms = len(layer.bottoms)
-        if layer.type in ("Eltwise", "Concat"):
-            if n_bottoms < 1:
-                raise CaffeImportError(f"{where}: needs bottoms")
-        elif n_bottoms != 1:
-            raise CaffeImportError(f"{where}: {n_bottoms} bottoms; the layer takes 1")
-        layer_blobs = blobs_by_layer.get(layer.name, [])
-        needs = layer.type in ("Convolution", "InnerProduct", "BatchNorm", "Scale")
-        if needs and with_any and not layer_blobs:
-            raise CaffeImportError(f"{where}: the caffemodel has no blobs for this layer")
-        shapes = [tuple(values[b].shape) for b in layer.bottoms]
-        proxy = CaffeLayer(layer.name, layer.type, layer.bottoms, layer.tops, layer.params, layer_blobs, layer.line)
-        module, flatten = builder(proxy, shapes, where, needs and with_any)
-        module.eval()
-        name = _module_name(layer.name, used)
-        modules[name] = module
-        types[layer.name] = layer.type
-        steps.append(_Step(layer.name, name, tuple(layer.bottoms), tuple(layer.tops), flatten))
-        xs = [values[b] for b in layer.bottoms]
-        if flatten is not None:
-            xs = [torch.flatten(xs[0], flatten)]
-        try:
-            with torch.no_grad():
-                y = module(*xs)
-        except (RuntimeError, ValueError) as exc:
-            raise CaffeImportError(f"{where}: does not apply to bottom shape(s) {shapes}: {exc}") from None
-        values[layer.tops[0]] = y
-        blob_shapes[layer.tops[0]] = tuple(y.shape)
 
-    # Outputs: blobs produced and never consumed afterwards (Caffe's available_blobs rule).
+def _build_layer(layer: CaffeLayer, values: dict[str, torch.Tensor], layer_blobs: list, with_any: bool,
+                 source: str) -> tuple[nn.Module, int | None]:
+    """The module of one layer, run on its bottoms' zeros to check it and shape its top
+    (written into ``values``)."""
+    where = _where(layer, source)
+    builder = _BUILDERS[layer.type]  # structure_problems checked the type
+    if len(layer.tops) != 1:
+        raise CaffeImportError(f"{where}: {len(layer.tops)} tops; only single-top layers are supported")
+    n_bottoms = len(layer.bottoms)
+    if layer.type in ("Eltwise", "Concat"):
+        if n_bottoms < 1:
+            raise CaffeImportError(f"{where}: needs bottoms")
+    elif n_bottoms != 1:
+        raise CaffeImportError(f"{where}: {n_bottoms} bottoms; the layer takes 1")
+    needs = layer.type in ("Convolution", "InnerProduct", "BatchNorm", "Scale")
+    if needs and with_any and not layer_blobs:
+        raise CaffeImportError(f"{where}: the caffemodel has no blobs for this layer")
+    shapes = [tuple(values[b].shape) for b in layer.bottoms]
+    proxy = CaffeLayer(layer.name, layer.type, layer.bottoms, layer.tops, layer.params, layer_blobs, layer.line)
+    module, flatten = builder(proxy, shapes, where, needs and with_any)
+    module.eval()
+    xs = [values[b] for b in layer.bottoms]
+    if flatten is not None:
+        xs = [torch.flatten(xs[0], flatten)]
+    try:
+        with torch.no_grad():
+            values[layer.tops[0]] = module(*xs)
+    except (RuntimeError, ValueError) as exc:
+        raise CaffeImportError(f"{where}: does not apply to bottom shape(s) {shapes}: {exc}") from None
+    return module, flatten
+
+
+def _output_blobs(inputs: Mapping[str, Any], steps: Sequence[_Step], source: str) -> list[str]:
+    """Blobs produced and never consumed afterwards (Caffe's ``available_blobs`` rule)."""
     available: dict[str, None] = dict.fromkeys(inputs)
     for step in steps:
         for b in step.bottoms:
@@ -699,12 +712,9 @@ def build_module(net: CaffeNet, weights: CaffeNet | Mapping[str, Sequence[np.nda
         for t in step.tops:
             available.pop(t, None)
             available[t] = None
-    outputs = list(available)
-    if not outputs:
+    if not available:
         raise CaffeImportError(f"{source}: the net has no output blob")
-    module = CaffeNetModule(net.name, inputs, steps, modules, outputs, types)
-    module.blob_shapes = blob_shapes
-    return module.eval()
+    return list(available)
 
 
 def import_caffe(
