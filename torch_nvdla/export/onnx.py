@@ -1300,16 +1300,7 @@ def compare_with_onnxruntime(
     """
     if simulation is None:
         from ..sim.simulate import int8_simulation as simulation
-    if weights not in _WEIGHT_MODES:
-        raise CalibrationError(f"weights must be one of {', '.join(_WEIGHT_MODES)}, got {weights!r}")
-    if rounding not in ("half-even", "half-away"):
-        raise CalibrationError(f"rounding must be 'half-even' or 'half-away', got {rounding!r}")
-    if export is not None:
-        if not export.qdq:
-            raise CalibrationError("compare_with_onnxruntime needs a Q/DQ export (export_onnx(..., qdq=True))")
-        if export.weights != weights:
-            raise CalibrationError(f"the export quantized weights {export.weights!r}, but weights={weights!r}")
-        placement = export.placement
+    placement = _check_compare_options(weights, rounding, export, placement)
     dev = model_device(model) or torch.device("cpu")
     batches = iter(loader)
     if num_batches is not None:
@@ -1321,30 +1312,9 @@ def compare_with_onnxruntime(
     if export is None:
         export = export_onnx(model, table, None, example_input=x0[:example_images], qdq=True, placement=placement,
                              weights=weights)
-    q_inputs = _quant_inputs(export.model)
-    qmodel = export.model if rounding == "half-even" else _half_away_model(export.model)
-    input_name, output_name = export.input_names[0], export.output_names[0]
-    dqs = [q.dq for q in export.quantized]
-    dq_info = {q.dq: q for q in export.quantized}
-    detail_outputs = list(dict.fromkeys([output_name, *dqs]))
-    local_outputs = list(dict.fromkeys([*dqs, *[q_inputs[d] for d in dqs]]))
-    # Reference semantics: no graph optimization, so no fused int8 kernels (see ``optimized``).
-    fast = _session(qmodel, optimize=False)
-    fused = _session(qmodel, optimize=True) if optimized else None
-    detail = local = None
-    injected: dict[str, str] = {}
-    if tensor_batches > 0 and dqs:
-        detail = _session(qmodel, detail_outputs, optimize=False)
-        # Graph inputs are not injected: the simulation may quantize the input inside its
-        # first layer (placement "nvdla"), so the captured ``data`` can be the raw input.
-        injected_model, injected = _injected(qmodel, [d for d in dqs if dq_info[d].tensor not in export.input_names])
-        local = _session(injected_model, local_outputs, optimize=False)
-    compared = {tap: dq for tap, dq in export.qdq_tensors.items()}
-    watched = list(dict.fromkeys([*compared, *(q.tap for q in export.quantized), *export.unmapped]))
-
-    n = n_tensor = correct_fp = correct_sim = correct_ort = correct_fused = same = 0
-    stats = {tap: {"steps": 0.0, "local": 0.0, "bad": 0, "lbad": 0, "numel": 0, "ties": 0, "flips": 0, "grid": 0.0}
-             for tap in compared}
+    runs = _OrtRuns.of(export, rounding, optimized, tensor_batches)
+    stats = {tap: _TapStats() for tap in runs.compared}
+    counts = _Counts()
     unmapped_grid: dict[str, float] = {}
     import copy
 
@@ -1353,71 +1323,193 @@ def compare_with_onnxruntime(
         stack.enter_context(torch.no_grad())
         stack.enter_context(eval_mode(model))
         stack.enter_context(simulation(model, table, weights=weights, placement=placement, example=x0.to(dev)))
-        cap = stack.enter_context(capture_taps(model, watched)) if detail is not None else {}
+        cap = stack.enter_context(capture_taps(model, runs.watched)) if runs.detail is not None else {}
         for b, batch in enumerate(itertools.chain([first], batches)):
             x, y = _split_batch(batch, b)
             xd = x.to(dev)
             fp = _top1(float_model(xd))
-            per_tensor = b < tensor_batches and detail is not None
             cap.clear()
             sim = _top1(model(xd))
-            feeds = {input_name: x.detach().cpu().numpy().astype(np.float32)}
-            if per_tensor:
-                outs = dict(zip(detail_outputs, detail.run(detail_outputs, feeds)))
-                local_feeds = dict(feeds)
-                for dq, name in injected.items():
-                    v = cap.get(dq_info[dq].tap)
-                    local_feeds[name] = (outs[dq] if v is None  # not seen by the simulation: onnxruntime's own
-                                         else v.detach().float().cpu().numpy().reshape(outs[dq].shape))
-                louts = dict(zip(local_outputs, local.run(local_outputs, local_feeds)))
-                for tap, dq in compared.items():
-                    ref = cap.get(tap)
-                    if ref is None:
-                        continue
-                    s, q = stats[tap], dq_info[dq]
-                    got = outs[dq].astype(np.float64)
-                    r = ref.detach().float().cpu().numpy().reshape(got.shape).astype(np.float64)
-                    d = np.abs(got - r) / q.scale
-                    dl = np.abs(louts[dq].astype(np.float64) - r) / q.scale
-                    if d.size:
-                        s["steps"] = max(s["steps"], float(d.max()))
-                        s["local"] = max(s["local"], float(dl.max()))
-                    s["bad"] += int((d > 1e-3).sum())
-                    s["lbad"] += int((dl > 1e-3).sum())
-                    s["numel"] += int(d.size)
-                    s["grid"] = max(s["grid"], _grid_offset(r, q.scale))
-                    if tap == q.tap:
-                        ties, flips = _ties(louts[q_inputs[dq]], q.scale)
-                        s["ties"] += ties
-                        s["flips"] += flips
+            feeds = {runs.input_name: x.detach().cpu().numpy().astype(np.float32)}
+            if b < tensor_batches and runs.detail is not None:
+                ort_out = runs.compare_tensors(feeds, cap, stats)
                 for tap in export.unmapped:
                     if tap in cap and tap in table:
                         v = cap[tap].detach().float().cpu().numpy()
                         unmapped_grid[tap] = max(unmapped_grid.get(tap, 0.0), _grid_offset(v, float(table[tap].scale)))
-                ort_out = outs[output_name]
-                n_tensor += len(x)
+                counts.tensor_samples += len(x)
             else:
-                ort_out = fast.run([output_name], feeds)[0]
-            ort = _top1(ort_out)
-            yl = y.reshape(-1).cpu()
-            n += len(yl)
-            correct_fp += int((fp == yl).sum())
-            correct_sim += int((sim == yl).sum())
-            correct_ort += int((ort == yl).sum())
-            if fused is not None:
-                correct_fused += int((_top1(fused.run([output_name], feeds)[0]) == yl).sum())
-            same += int((sim == ort).sum())
+                ort_out = runs.fast.run([runs.output_name], feeds)[0]
+            fused = _top1(runs.fused.run([runs.output_name], feeds)[0]) if runs.fused is not None else None
+            counts.add(y, fp, sim, _top1(ort_out), fused)
+    taps = _tap_comparisons(export, table, runs, stats, unmapped_grid)
+    pct = counts.percent
+    result = OnnxComparison(
+        samples=counts.samples, top1_fp32=pct(counts.fp32), top1_simulation=pct(counts.simulation),
+        top1_onnxruntime=pct(counts.onnxruntime), agreement=pct(counts.same), taps=tuple(taps),
+        unmapped=dict(export.unmapped), placement=placement, weights=weights, tensor_samples=counts.tensor_samples,
+        rounding=rounding, top1_onnxruntime_optimized=pct(counts.fused) if runs.fused is not None else None,
+    )
+    if show:
+        result.print(title)
+    return result
 
-    # Where the two graphs differ: a Q/DQ tensor whose simulated value is off its grid (the
-    # simulation quantizes it elsewhere or not at all), or an unmapped tap the simulation
-    # quantizes (at the tensor that absorbed it; unknown place: everything after it).
+
+def _check_compare_options(weights: str, rounding: str, export: OnnxExport | None, placement: str) -> str:
+    """Checks :func:`compare_with_onnxruntime`'s options; returns the placement (the export's)."""
+    if weights not in _WEIGHT_MODES:
+        raise CalibrationError(f"weights must be one of {', '.join(_WEIGHT_MODES)}, got {weights!r}")
+    if rounding not in ("half-even", "half-away"):
+        raise CalibrationError(f"rounding must be 'half-even' or 'half-away', got {rounding!r}")
+    if export is None:
+        return placement
+    if not export.qdq:
+        raise CalibrationError("compare_with_onnxruntime needs a Q/DQ export (export_onnx(..., qdq=True))")
+    if export.weights != weights:
+        raise CalibrationError(f"the export quantized weights {export.weights!r}, but weights={weights!r}")
+    return export.placement
+
+
+@dataclass
+class _Counts:
+    """Correct top-1 predictions of each side, and the images they agree on."""
+
+    samples: int = 0
+    fp32: int = 0
+    simulation: int = 0
+    onnxruntime: int = 0
+    fused: int = 0
+    same: int = 0
+    tensor_samples: int = 0
+
+    def add(self, labels: torch.Tensor, fp, sim, ort, fused) -> None:
+        y = labels.reshape(-1).cpu()
+        self.samples += len(y)
+        self.fp32 += int((fp == y).sum())
+        self.simulation += int((sim == y).sum())
+        self.onnxruntime += int((ort == y).sum())
+        if fused is not None:
+            self.fused += int((fused == y).sum())
+        self.same += int((sim == ort).sum())
+
+    def percent(self, k: int) -> float:
+        return 100.0 * k / self.samples if self.samples else 0.0
+
+
+@dataclass
+class _TapStats:
+    """One tap's differences, in steps of its scale: onnxruntime's whole graph (``steps``,
+    ``bad``) and its layer fed the simulation's inputs (``local``, ``local_bad``)."""
+
+    steps: float = 0.0
+    local: float = 0.0
+    bad: int = 0
+    local_bad: int = 0
+    numel: int = 0
+    ties: int = 0
+    flips: int = 0
+    grid: float = 0.0
+
+    def add(self, got: np.ndarray, local: np.ndarray, ref: np.ndarray, scale: float) -> None:
+        d = np.abs(got - ref) / scale
+        dl = np.abs(local - ref) / scale
+        if d.size:
+            self.steps = max(self.steps, float(d.max()))
+            self.local = max(self.local, float(dl.max()))
+        self.bad += int((d > 1e-3).sum())
+        self.local_bad += int((dl > 1e-3).sum())
+        self.numel += int(d.size)
+        self.grid = max(self.grid, _grid_offset(ref, scale))
+
+
+@dataclass
+class _OrtRuns:
+    """The onnxruntime sessions of one comparison and the tensors they report.
+
+    ``fast`` runs the model (no graph optimization: every Q/DQ pair as written); ``fused``
+    the optimized one (``optimized=True``); ``detail`` also returns every DequantizeLinear
+    output; ``local`` is the model with each Q/DQ input injected (``injected``: DQ -> the
+    new graph input), so each layer can be fed the simulation's own input.
+    """
+
+    fast: Any
+    fused: Any
+    detail: Any
+    local: Any
+    injected: dict[str, str]
+    input_name: str
+    output_name: str
+    dq_info: dict[str, QuantizedTensor]
+    q_inputs: dict[str, str]
+    detail_outputs: list[str]
+    local_outputs: list[str]
+    compared: dict[str, str]
+    watched: list[str]
+
+    @classmethod
+    def of(cls, export: OnnxExport, rounding: str, optimized: bool, tensor_batches: int) -> "_OrtRuns":
+        q_inputs = _quant_inputs(export.model)
+        qmodel = export.model if rounding == "half-even" else _half_away_model(export.model)
+        output_name = export.output_names[0]
+        dqs = [q.dq for q in export.quantized]
+        dq_info = {q.dq: q for q in export.quantized}
+        detail_outputs = list(dict.fromkeys([output_name, *dqs]))
+        local_outputs = list(dict.fromkeys([*dqs, *[q_inputs[d] for d in dqs]]))
+        detail = local = None
+        injected: dict[str, str] = {}
+        if tensor_batches > 0 and dqs:
+            detail = _session(qmodel, detail_outputs, optimize=False)
+            # Graph inputs are not injected: the simulation may quantize the input inside its
+            # first layer (placement "nvdla"), so the captured ``data`` can be the raw input.
+            injected_model, injected = _injected(qmodel, [d for d in dqs
+                                                          if dq_info[d].tensor not in export.input_names])
+            local = _session(injected_model, local_outputs, optimize=False)
+        compared = dict(export.qdq_tensors)
+        watched = list(dict.fromkeys([*compared, *(q.tap for q in export.quantized), *export.unmapped]))
+        return cls(fast=_session(qmodel, optimize=False), fused=_session(qmodel, optimize=True) if optimized else None,
+                   detail=detail, local=local, injected=injected, input_name=export.input_names[0],
+                   output_name=output_name, dq_info=dq_info, q_inputs=q_inputs, detail_outputs=detail_outputs,
+                   local_outputs=local_outputs, compared=compared, watched=watched)
+
+    def compare_tensors(self, feeds: dict, cap: Mapping[str, torch.Tensor], stats: dict[str, _TapStats]) -> np.ndarray:
+        """Every Q/DQ tensor of one batch against the simulation's; returns the model output."""
+        outs = dict(zip(self.detail_outputs, self.detail.run(self.detail_outputs, feeds)))
+        local_feeds = dict(feeds)
+        for dq, name in self.injected.items():
+            v = cap.get(self.dq_info[dq].tap)
+            local_feeds[name] = (outs[dq] if v is None  # not seen by the simulation: onnxruntime's own
+                                 else v.detach().float().cpu().numpy().reshape(outs[dq].shape))
+        louts = dict(zip(self.local_outputs, self.local.run(self.local_outputs, local_feeds)))
+        for tap, dq in self.compared.items():
+            ref = cap.get(tap)
+            if ref is None:
+                continue
+            q = self.dq_info[dq]
+            got = outs[dq].astype(np.float64)
+            r = ref.detach().float().cpu().numpy().reshape(got.shape).astype(np.float64)
+            stats[tap].add(got, louts[dq].astype(np.float64), r, q.scale)
+            if tap == q.tap:
+                ties, flips = _ties(louts[self.q_inputs[dq]], q.scale)
+                stats[tap].ties += ties
+                stats[tap].flips += flips
+        return outs[self.output_name]
+
+
+def _tap_comparisons(export: OnnxExport, table, runs: _OrtRuns, stats: Mapping[str, _TapStats],
+                     unmapped_grid: Mapping[str, float]) -> list[TapComparison]:
+    """Per-tap results, each marked whether both sides compute the same graph up to it.
+
+    Where the two graphs differ: a Q/DQ tensor whose simulated value is off its grid (the
+    simulation quantizes it elsewhere or not at all), or an unmapped tap the simulation
+    quantizes (at the tensor that absorbed it; unknown place: everything after it).
+    """
     anc = _ancestors(export.plain_model.graph)
     diff: set[str] = set()
     diff_after: int | None = None
     order = {tap: i for i, tap in enumerate(table)}
     graph_inputs = set(export.input_names)
-    for tap, s in stats.items():
-        if s["numel"] and s["grid"] > 1e-3 and export.tensors[tap] not in graph_inputs:
+    for tap, st in stats.items():
+        if st.numel and st.grid > 1e-3 and export.tensors[tap] not in graph_inputs:
             diff.add(export.tensors[tap])
     for tap, g in unmapped_grid.items():
         if g <= 1e-3:
@@ -1427,25 +1519,15 @@ def compare_with_onnxruntime(
             else:
                 diff_after = min(order.get(tap, 0), diff_after if diff_after is not None else 1 << 30)
     taps = []
-    for tap, s in stats.items():
-        if not s["numel"]:
+    for tap, st in stats.items():
+        if not st.numel:
             continue
         t = export.tensors[tap]
-        q = dq_info[compared[tap]]
+        q = runs.dq_info[runs.compared[tap]]
         same_graph = not (anc.get(t, {t}) & diff) and (diff_after is None or order.get(tap, 1 << 30) < diff_after)
         taps.append(TapComparison(
-            tap=tap, tensor=q.dq, scale=q.scale, local_steps=s["local"], local_mismatch=s["lbad"] / s["numel"],
-            max_steps=s["steps"],
-            mismatch=s["bad"] / s["numel"], ties=s["ties"], flips=s["flips"], same_graph=same_graph,
-            simulated=s["grid"] <= 1e-3 or t in graph_inputs,
+            tap=tap, tensor=q.dq, scale=q.scale, local_steps=st.local, local_mismatch=st.local_bad / st.numel,
+            max_steps=st.steps, mismatch=st.bad / st.numel, ties=st.ties, flips=st.flips, same_graph=same_graph,
+            simulated=st.grid <= 1e-3 or t in graph_inputs,
         ))
-    pct = (lambda k: 100.0 * k / n) if n else (lambda k: 0.0)
-    result = OnnxComparison(
-        samples=n, top1_fp32=pct(correct_fp), top1_simulation=pct(correct_sim), top1_onnxruntime=pct(correct_ort),
-        agreement=pct(same), taps=tuple(taps), unmapped=dict(export.unmapped), placement=placement, weights=weights,
-        tensor_samples=n_tensor, rounding=rounding,
-        top1_onnxruntime_optimized=pct(correct_fused) if fused is not None else None,
-    )
-    if show:
-        result.print(title)
-    return result
+    return taps
