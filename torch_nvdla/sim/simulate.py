@@ -1550,8 +1550,10 @@ class Simulation:
         return None
 
     @contextlib.contextmanager
-    def _replaying(self, base: dict | None, dirty: frozenset[int] | None) -> Iterator[_Replay]:
-        """Within: calls outside ``dirty`` return their ``base`` output (sweep helper)."""
+    def replaying(self, base: dict | None, dirty: frozenset[int] | None) -> Iterator[_Replay]:
+        """Within: calls outside ``dirty`` (call indices) return their ``base`` output instead of
+        running; every call's output is recorded in the yielded object's ``out`` (what
+        :func:`~torch_nvdla.sim.sweep.sweep` uses to recompute only what a layer changes)."""
         if self.config.placement != "nvdla":
             raise CalibrationError("replay needs placement='nvdla'")
         rp = _Replay(base=base or {}, dirty=dirty)
@@ -1661,7 +1663,7 @@ def compare_modes(model: nn.Module, table, example: Any, *, weights: str = "per-
         with int8_simulation(model, table, mode=mode, placement="nvdla", weights=weights, missing=missing,
                              example=example) as sim, torch.no_grad():
             args, kwargs = call_args(example)
-            with sim._replaying(None, None) as rp:
+            with sim.replaying(None, None) as rp:
                 model(*args, **kwargs)
             outputs[mode] = (sim.plan, {i: t for i, (t, _) in rp.out.items()})
     plan, fake = outputs["fake"]

@@ -259,26 +259,10 @@ def sweep(
     Raises:
         CalibrationError: bad options, no table and no calibration data, unlabelled data.
     """
-    from .simulate import SimulationConfig, int8_simulation
+    from .simulate import int8_simulation
 
-    if order not in SWEEP_ORDERS:
-        raise CalibrationError(f"order must be one of {', '.join(SWEEP_ORDERS)}, got {order!r}")
-    if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
-        raise CalibrationError(f"budget must be a finite drop >= 0 (points), got {budget!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise CalibrationError(f"top_k must be a non-negative integer, got {top_k!r}")
-    SimulationConfig(mode=simulation, weights=weights, placement="nvdla", missing=missing)
-    if isinstance(calibration, Mapping):
-        table = calibration
-    elif calibration is None:
-        raise CalibrationError("sweep needs a calibration table or calibration data")
-    else:
-        from ..calib.calibrate import calibrate
-
-        dev = torch.device(device) if device is not None else model_device(model)
-        example = next(iter(calibration), None) if iter(calibration) is not calibration else None
-        taps = simulation_taps(model, to_device(example, dev)) if example is not None else None
-        table = calibrate(model, calibration, method, device=device, taps=taps, progress=progress)
+    _check_sweep_options(order, budget, top_k, simulation, weights, missing)
+    table = _sweep_table(model, calibration, method, device, progress)
     data = _reiterable(data)
     batches = data if num_batches is None else list(_take(data, num_batches))
     first = next(iter(batches), None)
@@ -294,89 +278,155 @@ def sweep(
             example=to_device(inputs0, dev)) as sim:
         plan = sim.plan
         swept = [layer for layer in plan.layers if layer.name not in plan.fp32_layers]
-        names = [layer.name for layer in swept]
-        downstream = {name: plan.downstream([name]) for name in names}
-        steps_per_batch = 1 + len(names) * len(orders) + (0 if "cumulative" in orders else 1)
-        total = len(batches) * steps_per_batch if hasattr(batches, "__len__") else None
-        n_images = 0
-        fp32_c = 0
-        all_c = 0
-        cum_c = [0] * len(names)
-        iso_c = [0] * len(names)
-
-        def work():
-            for b, batch in enumerate(batches):
-                inputs, labels = split_labels(batch, b)
-                yield ("base", b, inputs, labels, None)
-                for o in orders:
-                    for i in range(len(names)):
-                        yield (o, b, inputs, labels, i)
-                if "cumulative" not in orders:
-                    yield ("all", b, inputs, labels, None)
-
-        base: dict = {}
-        cur: dict = {}
-        for kind, b, inputs, labels, i in progress_iter(work(), "INT8 sweep", total, progress):
-            if kind == "base":
-                sim.set_layers(())
-                with sim._replaying(None, None) as rp:
-                    out = run_batch(model, inputs, dev, b)
-                base = rp.out
-                cur = dict(base)
-                c, _ = _count(_logits(out, b), labels, 1, b)
-                fp32_c += c
-                n_images += int(labels.shape[0])
-                continue
-            if kind == "all":
-                sim.set_layers(names)
-                out = run_batch(model, inputs, dev, b)
-                all_c += _count(_logits(out, b), labels, 1, b)[0]
-                continue
-            name = names[i]
-            if kind == "isolated":
-                sim.set_layers([name])
-                with sim._replaying(base, downstream[name]) as rp:
-                    out = run_batch(model, inputs, dev, b)
-                for idx, entry in rp.out.items():  # stale entries recomputed in FP32: keep the fresh ones
-                    if idx not in downstream[name]:
-                        base[idx] = entry
-                iso_c[i] += _count(_logits(out, b), labels, 1, b)[0]
-            else:
-                sim.set_layers(names[: i + 1])
-                with sim._replaying(cur, downstream[name]) as rp:
-                    out = run_batch(model, inputs, dev, b)
-                cur.update(rp.out)
-                c = _count(_logits(out, b), labels, 1, b)[0]
-                cum_c[i] += c
-                if i == len(names) - 1:
-                    all_c += c
-        base = cur = {}
-
-        pct = (lambda c: 100.0 * c / n_images)  # noqa: E731
-        fp32 = pct(fp32_c)
-        int8 = pct(all_c)
-        cumulative = _rows("cumulative", swept, [pct(c) for c in cum_c], fp32) if "cumulative" in orders else ()
-        isolated = _rows("isolated", swept, [pct(c) for c in iso_c], fp32) if "isolated" in orders else ()
-        iso = {r.layer: r for r in isolated}
-        cum = {r.layer: r for r in cumulative}
-
-        def key(i_name):
-            i, name = i_name
-            return (-(iso[name].drop if iso else 0.0), cum[name].change if cum else 0.0, i)
-
-        ranking = [name for _, name in sorted(enumerate(names), key=key)]
-        sensitive = tuple([n for n in ranking if (iso and iso[n].drop > 0) or (cum and cum[n].change < 0)][:top_k])
-
+        run = _SweepRun(sim, model, dev, [layer.name for layer in swept])
+        steps = list(_steps(orders, len(run.names), run.all_in_cumulative(orders)))
+        total = len(batches) * len(steps) if hasattr(batches, "__len__") else None
+        work = ((b, batch, step) for b, batch in enumerate(batches) for step in steps)
+        for b, batch, step in progress_iter(work, "INT8 sweep", total, progress):
+            run.step(step, b, *split_labels(batch, b))
+        fp32, int8 = run.percent(run.fp32), run.percent(run.all)
+        cumulative = _rows("cumulative", swept, [run.percent(c) for c in run.cumulative], fp32) \
+            if "cumulative" in orders else ()
+        isolated = _rows("isolated", swept, [run.percent(c) for c in run.isolated], fp32) \
+            if "isolated" in orders else ()
+        ranking = _ranking(run.names, isolated, cumulative)
+        sensitive = tuple(_sensitive(ranking, isolated, cumulative)[:top_k])
         fallback = fallback_acc = met = None
         if budget is not None:
-            fallback, fallback_acc, met = _fallback(sim, model, batches, dev, names, ranking,
+            fallback, fallback_acc, met = _fallback(sim, model, batches, dev, run.names, ranking,
                                                     fp32, int8, float(budget), progress)
         notes = tuple(plan.notes)
-    return SweepReport(fp32=fp32, int8=int8, images=n_images, simulation=simulation, weights=weights,
-                       layers=tuple(names), cumulative=tuple(cumulative), isolated=tuple(isolated),
+    return SweepReport(fp32=fp32, int8=int8, images=run.images, simulation=simulation, weights=weights,
+                       layers=tuple(run.names), cumulative=tuple(cumulative), isolated=tuple(isolated),
                        sensitive=sensitive, budget=None if budget is None else float(budget),
                        fallback=None if fallback is None else tuple(fallback), fallback_accuracy=fallback_acc,
                        fallback_met=met, seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _check_sweep_options(order: str, budget, top_k, simulation: str, weights: str, missing: str) -> None:
+    from .simulate import SimulationConfig
+
+    if order not in SWEEP_ORDERS:
+        raise CalibrationError(f"order must be one of {', '.join(SWEEP_ORDERS)}, got {order!r}")
+    if budget is not None and not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
+        raise CalibrationError(f"budget must be a finite drop >= 0 (points), got {budget!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise CalibrationError(f"top_k must be a non-negative integer, got {top_k!r}")
+    SimulationConfig(mode=simulation, weights=weights, placement="nvdla", missing=missing)
+
+
+def _sweep_table(model: nn.Module, calibration, method: str, device, progress: bool):
+    """The table given, or one calibrated (once) on the batches given, with the simulation's taps."""
+    if isinstance(calibration, Mapping):
+        return calibration
+    if calibration is None:
+        raise CalibrationError("sweep needs a calibration table or calibration data")
+    from ..calib.calibrate import calibrate
+
+    dev = torch.device(device) if device is not None else model_device(model)
+    example = next(iter(calibration), None) if iter(calibration) is not calibration else None
+    taps = simulation_taps(model, to_device(example, dev)) if example is not None else None
+    return calibrate(model, calibration, method, device=device, taps=taps, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One forward of a batch: ``kind`` is ``base`` (FP32, cached), ``cumulative`` (layers
+    ``0..index`` INT8), ``isolated`` (layer ``index`` alone) or ``all`` (every layer)."""
+
+    kind: str
+    index: int = -1
+
+
+def _steps(orders: Sequence[str], n_layers: int, all_in_cumulative: bool):
+    """The forwards each batch takes, in order."""
+    yield _Step("base")
+    for o in orders:
+        for i in range(n_layers):
+            yield _Step(o, i)
+    if not all_in_cumulative:
+        yield _Step("all")
+
+
+class _SweepRun:
+    """Correct-prediction counters of a sweep, and the forwards that feed them.
+
+    Each batch runs once in FP32 with every call's output kept (``base``); a forward with
+    some layers INT8 then recomputes only the calls downstream of the layer that changed
+    and replays the rest (:meth:`~torch_nvdla.sim.simulate.Simulation.replaying`).
+    """
+
+    def __init__(self, sim, model: nn.Module, dev, names: list[str]) -> None:
+        self.sim, self.model, self.dev, self.names = sim, model, dev, names
+        self.downstream = {name: sim.plan.downstream([name]) for name in names}
+        self.images = self.fp32 = self.all = 0
+        self.cumulative = [0] * len(names)
+        self.isolated = [0] * len(names)
+        self._base: dict = {}
+        self._cur: dict = {}
+
+    @staticmethod
+    def all_in_cumulative(orders: Sequence[str]) -> bool:
+        """The cumulative order's last forward is the all-INT8 one."""
+        return "cumulative" in orders
+
+    def percent(self, correct: int) -> float:
+        return 100.0 * correct / self.images if self.images else 0.0
+
+    def _correct(self, out, labels, b: int) -> int:
+        return _count(_logits(out, b), labels, 1, b)[0]
+
+    def step(self, step: _Step, b: int, inputs, labels) -> None:
+        sim, model, dev = self.sim, self.model, self.dev
+        if step.kind == "base":
+            sim.set_layers(())
+            with sim.replaying(None, None) as rp:
+                out = run_batch(model, inputs, dev, b)
+            self._base, self._cur = rp.out, dict(rp.out)
+            self.fp32 += self._correct(out, labels, b)
+            self.images += int(labels.shape[0])
+        elif step.kind == "all":
+            sim.set_layers(self.names)
+            self.all += self._correct(run_batch(model, inputs, dev, b), labels, b)
+        elif step.kind == "isolated":
+            name = self.names[step.index]
+            sim.set_layers([name])
+            with sim.replaying(self._base, self.downstream[name]) as rp:
+                out = run_batch(model, inputs, dev, b)
+            for idx, entry in rp.out.items():  # stale entries recomputed in FP32: keep the fresh ones
+                if idx not in self.downstream[name]:
+                    self._base[idx] = entry
+            self.isolated[step.index] += self._correct(out, labels, b)
+        else:
+            name = self.names[step.index]
+            sim.set_layers(self.names[: step.index + 1])
+            with sim.replaying(self._cur, self.downstream[name]) as rp:
+                out = run_batch(model, inputs, dev, b)
+            self._cur.update(rp.out)
+            c = self._correct(out, labels, b)
+            self.cumulative[step.index] += c
+            if step.index == len(self.names) - 1:
+                self.all += c
+
+
+def _ranking(names: Sequence[str], isolated, cumulative) -> list[str]:
+    """Layers from the most to the least sensitive: the largest isolated drop first, then the
+    most negative cumulative change, then network order."""
+    iso = {r.layer: r for r in isolated}
+    cum = {r.layer: r for r in cumulative}
+
+    def key(i_name):
+        i, name = i_name
+        return (-(iso[name].drop if iso else 0.0), cum[name].change if cum else 0.0, i)
+
+    return [name for _, name in sorted(enumerate(names), key=key)]
+
+
+def _sensitive(ranking: Sequence[str], isolated, cumulative) -> list[str]:
+    """The ranked layers that cost accuracy (an isolated drop, or a cumulative loss)."""
+    iso = {r.layer: r for r in isolated}
+    cum = {r.layer: r for r in cumulative}
+    return [n for n in ranking if (iso and iso[n].drop > 0) or (cum and cum[n].change < 0)]
 
 
 def _take(data: Iterable, n: int):
