@@ -343,7 +343,7 @@ def convert_trt_cache(cache: TrtCache | str | os.PathLike, *, names: Mapping[str
         FileFormatError: a zero or negative scale (naming the cache line), or a cache /
             prototxt that cannot be read.
     """
-    from .calibjson import Finding, apply_nvdla_rules, layers_from_prototxt
+    from .calibjson import Finding
 
     if not isinstance(cache, TrtCache):
         cache = read_trt_cache(cache)
@@ -356,53 +356,7 @@ def convert_trt_cache(cache: TrtCache | str | os.PathLike, *, names: Mapping[str
 
         net = prototxt if hasattr(prototxt, "layers") else parse_prototxt(Path(prototxt))
         named, unnamed = caffe_trt_names(net)
-    scales: dict[str, float] = {}
-    placed: dict[str, str] = {}
-    unplaced: dict[str, str] = {}
-    findings: list = []
-    for trt, scale in cache.scales.items():
-        line = cache.lines.get(trt)
-        where = f"{cache.path}:{line}"
-        if not scale > 0:
-            raise FileFormatError(cache.path, f"tensor {trt!r}: scale {scale!r} is not > 0 (the NVDLA compiler fails on it)", line=line)
-        if trt in names:
-            target = names[trt]
-            if target is None:
-                unplaced[trt] = "dropped by the name map"
-                continue
-        elif net is not None:
-            target = named.get(trt)
-            m = _UNNAMED.fullmatch(trt)
-            if target is None and m:
-                idx, ttype = int(m.group(1)), m.group(2)
-                cand = unnamed.get(idx)
-                if cand is None:
-                    unplaced[trt] = f"TensorRT layer {idx} is no in-place writer of the prototxt; add it to the name map"
-                    continue
-                allowed = _TRT_TYPES.get(cand[1])
-                if allowed is not None and ttype not in allowed:
-                    unplaced[trt] = (f"TensorRT layer {idx} is [{ttype}] but prototxt layer {cand[0]!r} is a {cand[1]}; "
-                                     "add it to the name map")
-                    continue
-                target = cand[0]
-            elif target is None:
-                unplaced[trt] = "matches no blob of the prototxt; add it to the name map"
-                continue
-        else:
-            if _UNNAMED.fullmatch(trt):
-                unplaced[trt] = "an unnamed TensorRT tensor: give a name map or a prototxt to place it"
-                continue
-            target = trt
-        if target in scales:
-            unplaced[trt] = f"{target!r} already has a scale (from {next(k for k, v in placed.items() if v == target)!r})"
-            continue
-        scales[target] = scale
-        placed[trt] = target
-        if target != trt:
-            findings.append(Finding("info", "renamed", target, f"from TensorRT {trt!r}", where, line))
-    for trt, why in unplaced.items():
-        line = cache.lines.get(trt)
-        findings.append(Finding("warning", "unplaced", trt, f"not written: {why}", f"{cache.path}:{line}", line))
+    scales, placed, unplaced, findings = _place_all(cache, names, net, named, unnamed)
     filled: dict[str, str] = {}
     missing: tuple[str, ...] = ()
     if net is None and not names:
@@ -410,38 +364,103 @@ def convert_trt_cache(cache: TrtCache | str | os.PathLike, *, names: Mapping[str
                                 "names kept as TensorRT wrote them: an in-place blob carries its LAST writer's range "
                                 "(LeNet's 'ip1' is relu1's output); pass the prototxt or a name map to rename"))
     if net is not None:
-        layers, _ = layers_from_prototxt(net)
-        last_writer = named
-        blob_of: dict[str, list[str]] = {}
-        for layer in net.layers:
-            for top in layer.tops:
-                blob_of.setdefault(layer.name, []).append(top)
-        if fill_inplace:
-            for layer in layers:
-                if layer.name in scales:
-                    continue
-                for blob in blob_of.get(layer.name, []):
-                    src = last_writer.get(blob)
-                    if src is not None and src != layer.name and src in scales:
-                        scales[layer.name] = scales[src]
-                        filled[layer.name] = src
-                        findings.append(Finding("warning", "filled", layer.name,
-                                                f"no TensorRT tensor for this in-place writer of blob {blob!r}: "
-                                                f"given {src}'s scale (the blob's final range)"))
-                        break
-        order = [layer.name for layer in layers]
-        known = set(order)
-        extra = [k for k in scales if k not in known]
-        for k in extra:
-            findings.append(Finding("warning", "unknown-key", k, "matches no layer of the prototxt (written; the compiler ignores it)"))
-        scales = {**{k: scales[k] for k in order if k in scales}, **{k: scales[k] for k in extra}}
-        missing = tuple(k for k in order if k not in scales)
-        for k in missing:
-            findings.append(Finding("error", "missing", k, "no scale for this layer: the compiler aborts on a missing key"))
-        fixed, rule_findings, _ = apply_nvdla_rules(layers, {k: v for k, v in scales.items() if k in known}, fix=True)
-        scales.update(fixed)
-        findings.extend(rule_findings)
+        scales, filled, missing = _against_prototxt(net, named, scales, fill_inplace, findings)
     return TrtConversion(scales, placed, unplaced, missing, filled, findings, cache)
+
+
+def _place(trt: str, names: Mapping[str, str | None], net, named: Mapping[str, str],
+           unnamed: Mapping[int, tuple[str, str]]) -> tuple[str | None, str | None]:
+    """The NVDLA layer a TensorRT tensor goes to, or ``(None, why not)``."""
+    if trt in names:
+        target = names[trt]
+        return (None, "dropped by the name map") if target is None else (target, None)
+    if net is None:
+        if _UNNAMED.fullmatch(trt):
+            return None, "an unnamed TensorRT tensor: give a name map or a prototxt to place it"
+        return trt, None
+    target = named.get(trt)
+    if target is not None:
+        return target, None
+    m = _UNNAMED.fullmatch(trt)
+    if not m:
+        return None, "matches no blob of the prototxt; add it to the name map"
+    idx, ttype = int(m.group(1)), m.group(2)
+    cand = unnamed.get(idx)
+    if cand is None:
+        return None, f"TensorRT layer {idx} is no in-place writer of the prototxt; add it to the name map"
+    allowed = _TRT_TYPES.get(cand[1])
+    if allowed is not None and ttype not in allowed:
+        return None, (f"TensorRT layer {idx} is [{ttype}] but prototxt layer {cand[0]!r} is a {cand[1]}; "
+                      "add it to the name map")
+    return cand[0], None
+
+
+def _place_all(cache: TrtCache, names, net, named, unnamed):
+    """Every cache tensor placed (first match wins; a layer takes one scale): the scales by
+    layer, TensorRT name -> layer, TensorRT name -> why not placed, and the findings."""
+    from .calibjson import Finding
+
+    scales: dict[str, float] = {}
+    placed: dict[str, str] = {}
+    unplaced: dict[str, str] = {}
+    findings: list = []
+    for trt, scale in cache.scales.items():
+        line = cache.lines.get(trt)
+        if not scale > 0:
+            raise FileFormatError(cache.path, f"tensor {trt!r}: scale {scale!r} is not > 0 (the NVDLA compiler fails "
+                                              "on it)", line=line)
+        target, why = _place(trt, names, net, named, unnamed)
+        if target is not None and target in scales:
+            why = f"{target!r} already has a scale (from {next(k for k, v in placed.items() if v == target)!r})"
+        if why is not None:
+            unplaced[trt] = why
+            continue
+        scales[target] = scale
+        placed[trt] = target
+        if target != trt:
+            findings.append(Finding("info", "renamed", target, f"from TensorRT {trt!r}", f"{cache.path}:{line}", line))
+    for trt, why in unplaced.items():
+        line = cache.lines.get(trt)
+        findings.append(Finding("warning", "unplaced", trt, f"not written: {why}", f"{cache.path}:{line}", line))
+    return scales, placed, unplaced, findings
+
+
+def _against_prototxt(net, last_writer: Mapping[str, str], scales: dict[str, float], fill_inplace: bool,
+                      findings: list) -> tuple[dict[str, float], dict[str, str], tuple[str, ...]]:
+    """Scales in prototxt order: in-place writers filled from their blob's final range
+    (``fill_inplace``), unknown keys and missing layers reported, the NVDLA rules applied."""
+    from .calibjson import Finding, apply_nvdla_rules, layers_from_prototxt
+
+    layers, _ = layers_from_prototxt(net)
+    filled: dict[str, str] = {}
+    if fill_inplace:
+        tops = {layer.name: list(layer.tops) for layer in net.layers}
+        for layer in layers:
+            if layer.name in scales:
+                continue
+            for blob in tops.get(layer.name, []):
+                src = last_writer.get(blob)
+                if src is not None and src != layer.name and src in scales:
+                    scales[layer.name] = scales[src]
+                    filled[layer.name] = src
+                    findings.append(Finding("warning", "filled", layer.name,
+                                            f"no TensorRT tensor for this in-place writer of blob {blob!r}: "
+                                            f"given {src}'s scale (the blob's final range)"))
+                    break
+    order = [layer.name for layer in layers]
+    known = set(order)
+    extra = [k for k in scales if k not in known]
+    for k in extra:
+        findings.append(Finding("warning", "unknown-key", k, "matches no layer of the prototxt (written; the compiler "
+                                                              "ignores it)"))
+    scales = {**{k: scales[k] for k in order if k in scales}, **{k: scales[k] for k in extra}}
+    missing = tuple(k for k in order if k not in scales)
+    for k in missing:
+        findings.append(Finding("error", "missing", k, "no scale for this layer: the compiler aborts on a missing key"))
+    fixed, rule_findings, _ = apply_nvdla_rules(layers, {k: v for k, v in scales.items() if k in known}, fix=True)
+    scales.update(fixed)
+    findings.extend(rule_findings)
+    return scales, filled, missing
 
 
 def trt_cache_to_calib_json(cache: TrtCache | str | os.PathLike, out: str | os.PathLike, *,
