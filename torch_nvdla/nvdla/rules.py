@@ -164,61 +164,81 @@ def hardware_issues(net, target: str = "nv_full") -> list[HardwareIssue]:
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    issues: list[HardwareIssue] = []
-    shapes = {k: tuple(v) for k, v in net.inputs.items()} if hasattr(net, "inputs") else {}
+    inputs = set(net.inputs) if hasattr(net, "inputs") else set()
     blobs = blob_shapes(net) if hasattr(net, "inputs") else {}
-
-    def add(level: str, rule: str, layer, message: str) -> None:
-        issues.append(HardwareIssue(level, rule, layer.name, layer.line, message))
-
+    issues: list[HardwareIssue] = []
     for layer in net.layers:
         if is_test_phase(layer):
             continue
-        t, p = layer.type, layer.type_params
-        if t in ("LRN", "Sigmoid", "TanH"):
-            add("error", "no-int8", layer,
-                f"{t} has no INT8 path in the open compiler"
-                + (" (and nv_small has no LUT: 'Activation type not supported')" if target == "nv_small" else "")
-                + "; run it outside the DLA or replace it")
-        elif t == "Eltwise":
-            op = str(p.get("operation", "SUM"))
-            if op in ("PROD", "0"):
-                add("error", "eltwise-prod", layer, "Eltwise PROD is mis-scaled in INT8 (the compiler rescales it "
-                                                    "as a sum)")
-            elif op in ("MAX", "2"):
-                add("error", "eltwise-max", layer, "Eltwise MAX is not implemented in INT8")
-            elif target == "nv_small":
-                add("error", "eltwise-target", layer, "nv_small has no SDP element-wise unit (the compiler does not "
-                                                      "check it): the loadable will not run")
-            if len(layer.bottoms) > 2:
-                add("error", "eltwise-inputs", layer, f"{len(layer.bottoms)} bottoms: the compiler uses only the "
-                                                      "first two")
-        elif t == "Pooling":
-            kh, kw = _kernel(p)
-            if str(p.get("global_pooling", "false")).lower() == "true":
-                add("warning", "global-pool", layer, "global pooling: the kernel is the input plane; above "
-                                                     f"{MAX_POOL_KERNEL}x{MAX_POOL_KERNEL} the compiler loops forever")
-            elif max(kh, kw) > MAX_POOL_KERNEL:
-                add("error", "pool-kernel", layer,
-                    f"pooling kernel {kh}x{kw} is larger than the pooling engine's {MAX_POOL_KERNEL}: the compiler "
-                    "loops forever (split it into pools of at most 8)")
-        elif t == "Deconvolution":
-            group = int(p.get("group", 1) or 1)
-            if group != 1 or _pad(p):
-                add("error", "deconv", layer, "Deconvolution needs group 1 and no padding in the compiler")
-        elif t == "Convolution":
-            group = int(p.get("group", 1) or 1)
-            if group != 1:
-                first = bool(set(layer.bottoms) & set(shapes))
-                add("error" if first else "warning", "group-conv", layer,
-                    f"group {group}: " + ("the image-input convolution cannot be grouped" if first else
-                                          "grouped convolution is listed as not implemented in INT8; the compiler "
-                                          "expands it to a dense kernel (group x the weights and MACs)"))
+        found: list[tuple[str, str, str]] = []
+        rule = _TYPE_RULES.get(layer.type)
+        if rule is not None:
+            found.extend(rule(layer, target, inputs))
         bottom = blobs.get(layer.bottoms[0], ()) if layer.bottoms else ()
-        if t in ("Convolution", "InnerProduct") and len(bottom) in (2, 4):
+        if layer.type in ("Convolution", "InnerProduct") and len(bottom) in (2, 4):
             problem = _cbuf_problem(layer, (*bottom, 1, 1)[:4], target)
             if problem:
-                add("error", "cbuf-weights", layer, problem)
-        if t in ("Power", "SoftmaxWithLoss"):
-            add("warning", "not-deploy", layer, f"{t} is parsed but is not an inference layer NVDLA accelerates")
+                found.append(("error", "cbuf-weights", problem))
+        issues.extend(HardwareIssue(level, rid, layer.name, layer.line, message) for level, rid, message in found)
     return issues
+
+
+def _lut_activation(layer, target: str, inputs) -> list[tuple[str, str, str]]:
+    return [("error", "no-int8", f"{layer.type} has no INT8 path in the open compiler"
+             + (" (and nv_small has no LUT: 'Activation type not supported')" if target == "nv_small" else "")
+             + "; run it outside the DLA or replace it")]
+
+
+def _eltwise(layer, target: str, inputs) -> list[tuple[str, str, str]]:
+    op = str(layer.type_params.get("operation", "SUM"))
+    out = []
+    if op in ("PROD", "0"):
+        out.append(("error", "eltwise-prod", "Eltwise PROD is mis-scaled in INT8 (the compiler rescales it as a sum)"))
+    elif op in ("MAX", "2"):
+        out.append(("error", "eltwise-max", "Eltwise MAX is not implemented in INT8"))
+    elif target == "nv_small":
+        out.append(("error", "eltwise-target", "nv_small has no SDP element-wise unit (the compiler does not check "
+                                               "it): the loadable will not run"))
+    if len(layer.bottoms) > 2:
+        out.append(("error", "eltwise-inputs", f"{len(layer.bottoms)} bottoms: the compiler uses only the first two"))
+    return out
+
+
+def _pooling(layer, target: str, inputs) -> list[tuple[str, str, str]]:
+    p = layer.type_params
+    kh, kw = _kernel(p)
+    if str(p.get("global_pooling", "false")).lower() == "true":
+        return [("warning", "global-pool", "global pooling: the kernel is the input plane; above "
+                                           f"{MAX_POOL_KERNEL}x{MAX_POOL_KERNEL} the compiler loops forever")]
+    if max(kh, kw) > MAX_POOL_KERNEL:
+        return [("error", "pool-kernel", f"pooling kernel {kh}x{kw} is larger than the pooling engine's "
+                                         f"{MAX_POOL_KERNEL}: the compiler loops forever (split it into pools of at "
+                                         "most 8)")]
+    return []
+
+
+def _deconvolution(layer, target: str, inputs) -> list[tuple[str, str, str]]:
+    group = int(layer.type_params.get("group", 1) or 1)
+    if group != 1 or _pad(layer.type_params):
+        return [("error", "deconv", "Deconvolution needs group 1 and no padding in the compiler")]
+    return []
+
+
+def _convolution(layer, target: str, inputs) -> list[tuple[str, str, str]]:
+    group = int(layer.type_params.get("group", 1) or 1)
+    if group == 1:
+        return []
+    if set(layer.bottoms) & inputs:
+        return [("error", "group-conv", f"group {group}: the image-input convolution cannot be grouped")]
+    return [("warning", "group-conv", f"group {group}: grouped convolution is listed as not implemented in INT8; the "
+                                      "compiler expands it to a dense kernel (group x the weights and MACs)")]
+
+
+def _not_deploy(layer, target: str, inputs) -> list[tuple[str, str, str]]:
+    return [("warning", "not-deploy", f"{layer.type} is parsed but is not an inference layer NVDLA accelerates")]
+
+
+#: Caffe layer type -> its rule: ``(layer, target, input blobs) -> [(level, rule, message)]``.
+_TYPE_RULES = {"LRN": _lut_activation, "Sigmoid": _lut_activation, "TanH": _lut_activation, "Eltwise": _eltwise,
+               "Pooling": _pooling, "Deconvolution": _deconvolution, "Convolution": _convolution,
+               "Power": _not_deploy, "SoftmaxWithLoss": _not_deploy}
