@@ -401,45 +401,56 @@ class _Converter:
         scope = self.base_name(node, "").rstrip(".")
         source = f"{name}()" + (f" in {scope}" if scope else "")
         common = dict(source=source, base=own or self.base_name(node, name.strip("_")), own_tap=own, shape=shape)
-        if t in (operator.add, operator.iadd, torch.add) or name in ("add", "add_", "__add__", "__iadd__"):
-            alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
-            if alpha != 1:
-                raise CaffeExportError(f"{where}: add with alpha={alpha!r} is not supported (Eltwise SUM only)")
-            self.eltwise(node, args[:2], where, common, "SUM", ())
-        elif t in (F.relu, torch.relu, torch.relu_) or name in ("relu", "relu_"):
-            self.emit(node, "ReLU", [self.tensor(args[0], where)], kind="relu", rule="producer", inplace_ok=True,
-                      **common)
-        elif t is torch.flatten or name == "flatten":
-            start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
-            end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
-            self.flatten(node, args[0], start, end, where, common)
-        elif name in ("view", "reshape") or t is torch.reshape:
-            src = args[0]
-            in_shape = self.shape(src)
-            if len(shape) == 2 and len(in_shape) >= 2 and shape[0] == in_shape[0]:
-                self.flatten(node, src, 1, -1, where, common)
-            elif shape == in_shape:
-                self.alias(node, self.tensor(src, where))
-            else:
-                raise CaffeExportError(f"{where}: reshape {in_shape} -> {shape} is not a flatten; the NVDLA compiler "
-                                       "does not accept Caffe Reshape layers")
-        elif t in (torch.cat, getattr(torch, "concat", None), getattr(torch, "concatenate", None)):
-            tensors = kwargs.get("tensors", args[0] if args else None)
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-            self.concat(node, list(tensors), dim, where, common)
-        elif t in (F.softmax, torch.softmax) or name == "softmax":
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if dim is None:
-                dim = 0 if len(shape) in (0, 1, 3) else 1
-            self.softmax(node, dim, where, common)
-        elif name in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"):
-            self.functional_pool(node, name, args, kwargs, where, common)
-        elif t is F.dropout or name in ("dropout", "contiguous", "clone", "detach", "float"):
-            if name == "dropout" and kwargs.get("training", args[2] if len(args) > 2 else True):
-                raise CaffeExportError(f"{where}: dropout with training=True is random; not exportable")
-            self.alias(node, self.tensor(args[0], where))
-        else:
+        handler = _FUNCTION_HANDLERS.get(_function_kind(t, name))
+        if handler is None:
             raise CaffeExportError(f"{where} has no NVDLA Caffe equivalent; nothing was written")
+        handler(self, node, name, args, kwargs, where, common)
+
+    # -- functions (one handler per kind; see _FUNCTION_HANDLERS) ------------------------
+    def fn_add(self, node, name, args, kwargs, where, common) -> None:
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if alpha != 1:
+            raise CaffeExportError(f"{where}: add with alpha={alpha!r} is not supported (Eltwise SUM only)")
+        self.eltwise(node, args[:2], where, common, "SUM", ())
+
+    def fn_relu(self, node, name, args, kwargs, where, common) -> None:
+        self.emit(node, "ReLU", [self.tensor(args[0], where)], kind="relu", rule="producer", inplace_ok=True,
+                  **common)
+
+    def fn_flatten(self, node, name, args, kwargs, where, common) -> None:
+        start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+        end = kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+        self.flatten(node, args[0], start, end, where, common)
+
+    def fn_reshape(self, node, name, args, kwargs, where, common) -> None:
+        src = args[0]
+        shape, in_shape = common["shape"], self.shape(src)
+        if len(shape) == 2 and len(in_shape) >= 2 and shape[0] == in_shape[0]:
+            self.flatten(node, src, 1, -1, where, common)
+        elif shape == in_shape:
+            self.alias(node, self.tensor(src, where))
+        else:
+            raise CaffeExportError(f"{where}: reshape {in_shape} -> {shape} is not a flatten; the NVDLA compiler "
+                                   "does not accept Caffe Reshape layers")
+
+    def fn_cat(self, node, name, args, kwargs, where, common) -> None:
+        tensors = kwargs.get("tensors", args[0] if args else None)
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        self.concat(node, list(tensors), dim, where, common)
+
+    def fn_softmax(self, node, name, args, kwargs, where, common) -> None:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dim is None:
+            dim = 0 if len(common["shape"]) in (0, 1, 3) else 1
+        self.softmax(node, dim, where, common)
+
+    def fn_pool(self, node, name, args, kwargs, where, common) -> None:
+        self.functional_pool(node, name, args, kwargs, where, common)
+
+    def fn_identity(self, node, name, args, kwargs, where, common) -> None:
+        if name == "dropout" and kwargs.get("training", args[2] if len(args) > 2 else True):
+            raise CaffeExportError(f"{where}: dropout with training=True is random; not exportable")
+        self.alias(node, self.tensor(args[0], where))
 
     # -- layer kinds ----------------------------------------------------------------------
     def conv(self, node: fx.Node, mod: nn.Conv2d, where: str, common: dict) -> None:
@@ -1251,3 +1262,32 @@ def export_caffe(
     if report is not None:
         report = dataclasses.replace(report, path=final["calib"])
     return CaffeExport(final["prototxt"], final["caffemodel"], final.get("calib"), conversion, scales, report)
+
+
+def _function_kind(target: Any, name: str) -> str | None:
+    """The kind of a traced function call (``add``, ``relu``, ...), or None when unsupported."""
+    if target in (operator.add, operator.iadd, torch.add) or name in ("add", "add_", "__add__", "__iadd__"):
+        return "add"
+    if target in (F.relu, torch.relu, torch.relu_) or name in ("relu", "relu_"):
+        return "relu"
+    if target is torch.flatten or name == "flatten":
+        return "flatten"
+    if name in ("view", "reshape") or target is torch.reshape:
+        return "reshape"
+    if target in (torch.cat, getattr(torch, "concat", None), getattr(torch, "concatenate", None)):
+        return "cat"
+    if target in (F.softmax, torch.softmax) or name == "softmax":
+        return "softmax"
+    if name in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"):
+        return "pool"
+    if target is F.dropout or name in ("dropout", "contiguous", "clone", "detach", "float"):
+        return "identity"
+    return None
+
+
+#: Function kind -> the converter method that writes it.
+_FUNCTION_HANDLERS = {
+    "add": _Converter.fn_add, "relu": _Converter.fn_relu, "flatten": _Converter.fn_flatten,
+    "reshape": _Converter.fn_reshape, "cat": _Converter.fn_cat, "softmax": _Converter.fn_softmax,
+    "pool": _Converter.fn_pool, "identity": _Converter.fn_identity,
+}
