@@ -682,81 +682,114 @@ def quantize_onnx(onnx_model, amax: Mapping[str, float], *, weights: str | None 
             graph, or a non-positive amax (naming it).
     """
     import onnx
-    from onnx import helper, numpy_helper
 
-    from ..nvdla.weights import quantize_weight
+    _check_quantize_options(onnx_model, amax, weights)
+    model = _copy(onnx_model)
+    g = model.graph
+    used = _all_names(g)
+    new_inits: list = []
+    pre_nodes: list = []  # weight DQs (their inputs are initializers)
+    quantized_weights: dict[str, str] = {}
+    if weights is not None:
+        quantized_weights = _quantize_weights(g, weights, used, new_inits, pre_nodes)
+        keep = [i for i in g.initializer if i.name not in quantized_weights]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    graph_outputs = {o.name for o in g.output}
+    dq_names: dict[str, str] = {}
+    pairs: dict[str, list] = {}
+    renamed: dict[str, str] = {}  # graph output T -> the float tensor now produced as T
+    for name, a in amax.items():
+        pairs[name], dq_names[name] = _qdq_pair(name, float(a), name in graph_outputs, used, new_inits, renamed)
+    g.initializer.extend(new_inits)
+    _splice(g, pre_nodes, pairs, dq_names, renamed)
+    # Shapes recorded for renamed / removed tensors would be stale: let them be re-inferred.
+    stale = set(renamed) | set(quantized_weights)
+    keep_vi = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(keep_vi)
+    onnx.checker.check_model(model, full_check=True)
+    return model, dq_names, quantized_weights
 
+
+def _check_quantize_options(onnx_model, amax: Mapping[str, float], weights: str | None) -> None:
     if weights is not None and weights not in _WEIGHT_MODES:
         raise CalibrationError(f"weights must be one of {_WEIGHT_MODES} or None, got {weights!r}")
     opset = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         raise CalibrationError(f"Q/DQ with per-channel weights needs ONNX opset >= 13, the model has {opset}")
-    model = _copy(onnx_model)
-    g = model.graph
-    used = _all_names(g)
+    g = onnx_model.graph
     produced = {o for n in g.node for o in n.output} | {i.name for i in g.input}
     for name, a in amax.items():
         if name not in produced:
             raise CalibrationError(f"tensor {name!r} is not produced in the ONNX graph; cannot quantize it")
         if not (math.isfinite(float(a)) and float(a) > 0):
             raise CalibrationError(f"tensor {name!r}: amax must be finite and > 0, got {a!r}")
-    graph_outputs = {o.name for o in g.output}
+
+
+def _quantize_weights(g, weights: str, used: set[str], new_inits: list, pre_nodes: list) -> dict[str, str]:
+    """Conv / Gemm / MatMul weights as int8 initializers behind a DequantizeLinear (which
+    keeps the weight's name); returns weight -> how it was quantized."""
+    from onnx import helper, numpy_helper
+
+    from ..nvdla.weights import quantize_weight
+
     inits = {i.name: i for i in g.initializer}
+    quantized: dict[str, str] = {}
+    for node in g.node:
+        if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
+            continue
+        wname = node.input[1]
+        axis = _weight_axis(node)
+        if wname in quantized or wname not in inits or axis is None:
+            continue
+        w = numpy_helper.to_array(inits[wname])
+        if w.dtype.kind != "f" or w.ndim < 2 or (axis == 1 and w.ndim != 2):
+            continue
+        wt = torch.from_numpy(np.ascontiguousarray(w if axis == 0 else w.T).astype(np.float32))
+        qw = quantize_weight(wt, weights, name=wname)
+        q = qw.q.numpy() if axis == 0 else np.ascontiguousarray(qw.q.numpy().T)
+        scale = qw.scale.numpy().astype(np.float32)
+        qn = unique_name(f"{wname}_quantized", used)
+        sn = unique_name(f"{wname}_scale", used)
+        zn = unique_name(f"{wname}_zero_point", used)
+        new_inits += [numpy_helper.from_array(q.astype(np.int8), qn), numpy_helper.from_array(scale, sn),
+                      numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)]
+        kw = {"axis": axis} if scale.ndim == 1 else {}
+        pre_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [wname],
+                                          name=unique_name(f"{wname}_DequantizeLinear", used), **kw))
+        quantized[wname] = f"per-filter axis {axis}" if scale.ndim == 1 else "per-kernel"
+    return quantized
 
-    new_inits = []
-    pre_nodes = []  # weight DQs (their inputs are initializers)
-    quantized_weights: dict[str, str] = {}
-    if weights is not None:
-        for node in g.node:
-            if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
-                continue
-            wname = node.input[1]
-            axis = _weight_axis(node)
-            if wname in quantized_weights or wname not in inits or axis is None:
-                continue
-            w = numpy_helper.to_array(inits[wname])
-            if w.dtype.kind != "f" or w.ndim < 2 or (axis == 1 and w.ndim != 2):
-                continue
-            wt = torch.from_numpy(np.ascontiguousarray(w if axis == 0 else w.T).astype(np.float32))
-            qw = quantize_weight(wt, weights, name=wname)
-            q = qw.q.numpy() if axis == 0 else np.ascontiguousarray(qw.q.numpy().T)
-            scale = qw.scale.numpy().astype(np.float32)
-            qn = unique_name(f"{wname}_quantized", used)
-            sn = unique_name(f"{wname}_scale", used)
-            zn = unique_name(f"{wname}_zero_point", used)
-            new_inits += [numpy_helper.from_array(q.astype(np.int8), qn), numpy_helper.from_array(scale, sn),
-                          numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn)]
-            kw = {"axis": axis} if scale.ndim == 1 else {}
-            pre_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [wname],
-                                              name=unique_name(f"{wname}_DequantizeLinear", used), **kw))
-            quantized_weights[wname] = f"per-filter axis {axis}" if scale.ndim == 1 else "per-kernel"
-        keep = [i for i in g.initializer if i.name not in quantized_weights]
-        del g.initializer[:]
-        g.initializer.extend(keep)
 
-    # Activation Q/DQ pairs, right after each tensor's producer.
-    dq_names: dict[str, str] = {}
-    pairs: dict[str, list] = {}
-    renamed: dict[str, str] = {}  # graph output T -> the float tensor now produced as T
-    for name, a in amax.items():
-        scale = np.float32(float(a) / 127.0)
-        sn = unique_name(f"{name}_scale", used)
-        zn = unique_name(f"{name}_zero_point", used)
-        new_inits += [numpy_helper.from_array(np.array(scale, np.float32), sn),
-                      numpy_helper.from_array(np.array(0, np.int8), zn)]
-        src = name
-        if name in graph_outputs:
-            src = unique_name(f"{name}_float", used)
-            renamed[name] = src
-            dq = name
-        else:
-            dq = unique_name(f"{name}_dequantized", used)
-        qout = unique_name(f"{name}_quantized", used)
-        pairs[name] = [
-            helper.make_node("QuantizeLinear", [src, sn, zn], [qout], name=unique_name(f"{name}_QuantizeLinear", used)),
-            helper.make_node("DequantizeLinear", [qout, sn, zn], [dq], name=unique_name(f"{name}_DequantizeLinear", used)),
-        ]
-        dq_names[name] = dq
+def _qdq_pair(name: str, amax: float, is_output: bool, used: set[str], new_inits: list,
+              renamed: dict[str, str]) -> tuple[list, str]:
+    """The QuantizeLinear / DequantizeLinear pair of one tensor and the DQ's output name (a
+    graph output keeps its name on the DQ; its producer then writes ``<name>_float``)."""
+    from onnx import helper, numpy_helper
+
+    scale = np.float32(amax / 127.0)
+    sn = unique_name(f"{name}_scale", used)
+    zn = unique_name(f"{name}_zero_point", used)
+    new_inits += [numpy_helper.from_array(np.array(scale, np.float32), sn),
+                  numpy_helper.from_array(np.array(0, np.int8), zn)]
+    src = name
+    if is_output:
+        src = unique_name(f"{name}_float", used)
+        renamed[name] = src
+        dq = name
+    else:
+        dq = unique_name(f"{name}_dequantized", used)
+    qout = unique_name(f"{name}_quantized", used)
+    return [
+        helper.make_node("QuantizeLinear", [src, sn, zn], [qout], name=unique_name(f"{name}_QuantizeLinear", used)),
+        helper.make_node("DequantizeLinear", [qout, sn, zn], [dq], name=unique_name(f"{name}_DequantizeLinear", used)),
+    ], dq
+
+
+def _splice(g, pre_nodes: list, pairs: Mapping[str, list], dq_names: Mapping[str, str],
+            renamed: Mapping[str, str]) -> None:
+    """Put each pair right after its tensor's producer and point every reader at the DQ."""
     rewire = {t: dq for t, dq in dq_names.items() if t not in renamed}
     original = {r: t for t, r in renamed.items()}
     nodes = list(pre_nodes)
@@ -772,16 +805,8 @@ def quantize_onnx(onnx_model, amax: Mapping[str, float], *, weights: str | None 
         nodes.append(node)
         for out in node.output:
             nodes += pairs.get(original.get(out, out), [])
-    g.initializer.extend(new_inits)
     del g.node[:]
     g.node.extend(nodes)
-    # Shapes recorded for renamed / removed tensors would be stale: let them be re-inferred.
-    stale = set(renamed) | set(quantized_weights)
-    keep_vi = [v for v in g.value_info if v.name not in stale]
-    del g.value_info[:]
-    g.value_info.extend(keep_vi)
-    onnx.checker.check_model(model, full_check=True)
-    return model, dq_names, quantized_weights
 
 
 # ----------------------------------------------------------------------------------------
