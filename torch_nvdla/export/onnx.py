@@ -570,66 +570,23 @@ def map_taps(model: nn.Module, table: CalibrationTable | Sequence[str], onnx_mod
     with torch.no_grad(), eval_mode(model), capture_taps(model, names, derived) as captured:
         model(*[a.to(dev) for a in args])
     captured = dict(captured)
-
-    floats = _float_tensors(onnx_model)
-    graph_inputs = [i.name for i in onnx_model.graph.input]
-    feeds = {name: a.detach().cpu().numpy() for name, a in zip(graph_inputs, args)}
-    sess = _session(onnx_model, list(floats), optimize=False)
-    out_names = [o.name for o in sess.get_outputs()]
-    values = dict(feeds)
-    for name, v in zip(out_names, sess.run(out_names, feeds)):
-        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
-            values[name] = v
-    producer: dict[str, str] = {}
-    position: dict[str, int] = {n: -1 for n in graph_inputs}
-    for i, node in enumerate(onnx_model.graph.node):
-        for o in node.output:
-            producer[o] = node.name
-            position[o] = i
-    by_shape: dict[tuple, list[str]] = {}
-    by_numel: dict[int, list[str]] = {}
-    for name, v in values.items():
-        by_shape.setdefault(tuple(v.shape), []).append(name)
-        by_numel.setdefault(int(v.size), []).append(name)
-
+    graph = _GraphValues.of(onnx_model, args)
     tensors, owners, aliases, unmapped, errors, fused = {}, {}, {}, {}, {}, {}
     for tap in names:
         t = captured.get(tap)
         if t is None:
-            info = infos.get(tap)
-            kind = getattr(info, "kind", "")
-            derived_tap = kind == "derived" or (":" in tap and not tap.endswith(":input"))
-            why = ("derived tap: not recomputed for export" if derived_tap
-                   else "not observed when the model ran on example_input")
-            unmapped[tap] = why
+            unmapped[tap] = _why_not_captured(tap, infos)
             continue
         ref = t.detach().to(torch.float32).cpu().numpy()
-        ref_max = float(np.abs(ref).max()) if ref.size else 0.0
-        tol = rtol * ref_max + _MATCH_ATOL
-        cands = by_shape.get(tuple(ref.shape)) or by_numel.get(int(ref.size), [])
-        path = _module_path_of(tap, infos)
-        best = None
-        scoped_names = []
-        for name in cands:
-            v = values[name]
-            if v.size != ref.size:
-                continue
-            err = float(np.abs(v.reshape(ref.shape).astype(np.float32) - ref).max()) if ref.size else 0.0
-            scoped = _scope_matches(path, producer.get(name, ""))
+        name, err, scoped = graph.match(ref, _module_path_of(tap, infos), rtol)
+        if name is None:
             if scoped:
-                scoped_names.append(name)
-            if err <= tol:
-                key = (0 if scoped else 1, err, -position.get(name, -1))
-                if best is None or key < best[0]:
-                    best = (key, name, err)
-        if best is None:
-            if scoped_names:
-                fused[tap] = scoped_names[-1]
-                unmapped[tap] = f"fused: {scoped_names[-1]} holds other values (e.g. Conv+BatchNorm folded)"
+                fused[tap] = scoped[-1]
+                unmapped[tap] = f"fused: {scoped[-1]} holds other values (e.g. Conv+BatchNorm folded)"
             else:
                 unmapped[tap] = f"no ONNX tensor of shape {tuple(ref.shape)} holds these values (fused or folded away)"
             continue
-        _, name, err = best
+        ref_max = float(np.abs(ref).max()) if ref.size else 0.0
         tensors[tap] = name
         errors[tap] = err / ref_max if ref_max > 0 else err
         if name in owners:
@@ -637,6 +594,73 @@ def map_taps(model: nn.Module, table: CalibrationTable | Sequence[str], onnx_mod
         else:
             owners[name] = tap
     return _Mapping(tensors, owners, aliases, unmapped, errors, fused)
+
+
+def _why_not_captured(tap: str, infos: Mapping) -> str:
+    kind = getattr(infos.get(tap), "kind", "")
+    if kind == "derived" or (":" in tap and not tap.endswith(":input")):
+        return "derived tap: not recomputed for export"
+    return "not observed when the model ran on example_input"
+
+
+@dataclass
+class _GraphValues:
+    """Every float tensor of an ONNX graph on one batch, indexed for matching by value."""
+
+    values: dict[str, np.ndarray]
+    producer: dict[str, str]
+    position: dict[str, int]
+    by_shape: dict[tuple, list[str]]
+    by_numel: dict[int, list[str]]
+
+    @classmethod
+    def of(cls, onnx_model, args: Sequence[torch.Tensor]) -> "_GraphValues":
+        floats = _float_tensors(onnx_model)
+        graph_inputs = [i.name for i in onnx_model.graph.input]
+        feeds = {name: a.detach().cpu().numpy() for name, a in zip(graph_inputs, args)}
+        sess = _session(onnx_model, list(floats), optimize=False)
+        out_names = [o.name for o in sess.get_outputs()]
+        values = dict(feeds)
+        for name, v in zip(out_names, sess.run(out_names, feeds)):
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+                values[name] = v
+        producer: dict[str, str] = {}
+        position: dict[str, int] = {n: -1 for n in graph_inputs}
+        for i, node in enumerate(onnx_model.graph.node):
+            for o in node.output:
+                producer[o] = node.name
+                position[o] = i
+        by_shape: dict[tuple, list[str]] = {}
+        by_numel: dict[int, list[str]] = {}
+        for name, v in values.items():
+            by_shape.setdefault(tuple(v.shape), []).append(name)
+            by_numel.setdefault(int(v.size), []).append(name)
+        return cls(values, producer, position, by_shape, by_numel)
+
+    def match(self, ref: np.ndarray, path: str, rtol: float) -> tuple[str | None, float, list[str]]:
+        """The tensor holding ``ref``'s values within ``rtol`` of its largest |value|:
+        preferring one produced inside the tap's module scope, then the smallest error, then
+        the latest. Returns it (or None), its error, and the same-shaped tensors of the scope."""
+        ref_max = float(np.abs(ref).max()) if ref.size else 0.0
+        tol = rtol * ref_max + _MATCH_ATOL
+        best = None
+        scoped_names = []
+        for name in self.by_shape.get(tuple(ref.shape)) or self.by_numel.get(int(ref.size), []):
+            v = self.values[name]
+            if v.size != ref.size:
+                continue
+            err = float(np.abs(v.reshape(ref.shape).astype(np.float32) - ref).max()) if ref.size else 0.0
+            scoped = _scope_matches(path, self.producer.get(name, ""))
+            if scoped:
+                scoped_names.append(name)
+            if err <= tol:
+                key = (0 if scoped else 1, err, -self.position.get(name, -1))
+                if best is None or key < best[0]:
+                    best = (key, name, err)
+        if best is None:
+            return None, 0.0, scoped_names
+        return best[1], best[2], scoped_names
+
 
 # ----------------------------------------------------------------------------------------
 # Q/DQ insertion
