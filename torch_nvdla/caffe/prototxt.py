@@ -816,6 +816,71 @@ def _is_message_field(name: str) -> bool:
 _V1_PARAM_SPEC_FIELDS = ("param", "blob_share_mode", "blobs_lr", "weight_decay")
 
 
+
+def _layer_type(msg: Message, legacy: bool, label: str, path: str) -> str:
+    """A layer's type string (a V1 enum type upgraded to its new-style name)."""
+    raw_type = msg.get("type", "")
+    where = msg.line_of("type") or msg.line
+    if legacy:
+        if isinstance(raw_type, EnumValue) and str(raw_type) in V1_LAYER_TYPES:
+            return V1_LAYER_TYPES[str(raw_type)][1]
+        if isinstance(raw_type, int) and not isinstance(raw_type, bool) and raw_type in _V1_TYPE_BY_NUMBER:
+            return _V1_TYPE_BY_NUMBER[raw_type]
+        raise FileFormatError(path, f"{label}: unknown legacy layer type {raw_type!r}", where)
+    if not isinstance(raw_type, str) or isinstance(raw_type, EnumValue):
+        raise FileFormatError(
+            path, f"{label}: type must be a quoted string (legacy V1 enum types belong in 'layers')", where
+        )
+    return raw_type
+
+
+def _string_list(msg: Message, key: str, label: str, path: str) -> list[str]:
+    """Every ``key`` value of a layer, each a quoted string."""
+    values = msg.get_all(key)
+    for value in values:
+        if not isinstance(value, str) or isinstance(value, EnumValue):
+            raise FileFormatError(path, f"{label}: every '{key}' must be a quoted string", msg.line_of(key) or msg.line)
+    return values
+
+
+def _layer_params(msg: Message, legacy: bool, label: str, path: str) -> tuple[Message, dict[str, list]]:
+    """A layer's fields other than name / type / bottom / top, and (V1) its per-blob specs."""
+    params = Message()
+    params.line = msg.line
+    v1_specs: dict[str, list] = {}
+    for f in msg._fields:
+        if f.name in ("name", "type", "bottom", "top"):
+            continue
+        if f.name == "blobs":
+            raise FileFormatError(path, f"{label}: 'blobs' are not supported in a prototxt", f.line)
+        if legacy and f.name in _V1_PARAM_SPEC_FIELDS:
+            v1_specs.setdefault(f.name, []).append(f.value)
+            continue
+        if _is_message_field(f.name) and not isinstance(f.value, Message):
+            raise FileFormatError(path, f"{label}: '{f.name}' must be a block {{ ... }}, got {f.value!r}", f.line)
+        if legacy and f.name == "layer":
+            raise FileFormatError(
+                path, f"{label}: V0 layer definitions are not supported (upgrade the net with Caffe first)", f.line
+            )
+        params._fields.append(f)
+    return params, v1_specs
+
+
+def _upgraded_param_specs(v1_specs: dict[str, list]) -> list:
+    """V1 ``blobs_lr`` / ``weight_decay`` / ``param`` / ``blob_share_mode`` as ``param`` specs
+    (Caffe's own upgrade)."""
+    specs = []
+    for k in range(max(len(v) for v in v1_specs.values())):
+        spec = Message()
+        for old, new in (("param", "name"), ("blob_share_mode", "share_mode"), ("blobs_lr", "lr_mult"),
+                         ("weight_decay", "decay_mult")):
+            values = v1_specs.get(old, [])
+            if k < len(values):
+                spec.add(new, values[k])
+        specs.append(Field("param", spec, None))
+    return specs
+
+
 class CaffeLayer:
     """One Caffe layer: name, type, bottom/top blob names, parameters and weights.
 
@@ -904,81 +969,11 @@ class CaffeLayer:
                 path, f"{where} name must be a quoted string", msg.line_of("name") or msg.line
             )
         label = f"{where} {name!r}" if name else f"unnamed {where}"
-        raw_type = msg.get("type", "")
-        if legacy:
-            if isinstance(raw_type, EnumValue) and str(raw_type) in V1_LAYER_TYPES:
-                type_ = V1_LAYER_TYPES[str(raw_type)][1]
-            elif (
-                isinstance(raw_type, int)
-                and not isinstance(raw_type, bool)
-                and raw_type in _V1_TYPE_BY_NUMBER
-            ):
-                type_ = _V1_TYPE_BY_NUMBER[raw_type]
-            else:
-                raise FileFormatError(
-                    path,
-                    f"{label}: unknown legacy layer type {raw_type!r}",
-                    msg.line_of("type") or msg.line,
-                )
-        else:
-            if not isinstance(raw_type, str) or isinstance(raw_type, EnumValue):
-                raise FileFormatError(
-                    path,
-                    f"{label}: type must be a quoted string (legacy V1 enum types belong in 'layers')",
-                    msg.line_of("type") or msg.line,
-                )
-            type_ = raw_type
-        lists = {}
-        for key in ("bottom", "top"):
-            values = msg.get_all(key)
-            for value in values:
-                if not isinstance(value, str) or isinstance(value, EnumValue):
-                    raise FileFormatError(
-                        path,
-                        f"{label}: every '{key}' must be a quoted string",
-                        msg.line_of(key) or msg.line,
-                    )
-            lists[key] = values
-        params = Message()
-        params.line = msg.line
-        v1_specs: dict[str, list[Value]] = {}
-        for f in msg._fields:
-            if f.name in ("name", "type", "bottom", "top"):
-                continue
-            if f.name == "blobs":
-                raise FileFormatError(
-                    path, f"{label}: 'blobs' are not supported in a prototxt", f.line
-                )
-            if legacy and f.name in _V1_PARAM_SPEC_FIELDS:
-                v1_specs.setdefault(f.name, []).append(f.value)
-                continue
-            if _is_message_field(f.name) and not isinstance(f.value, Message):
-                raise FileFormatError(
-                    path, f"{label}: '{f.name}' must be a block {{ ... }}, got {f.value!r}", f.line
-                )
-            if legacy and f.name == "layer":
-                raise FileFormatError(
-                    path,
-                    f"{label}: V0 layer definitions are not supported (upgrade the net with Caffe first)",
-                    f.line,
-                )
-            params._fields.append(f)
+        type_ = _layer_type(msg, legacy, label, path)
+        lists = {key: _string_list(msg, key, label, path) for key in ("bottom", "top")}
+        params, v1_specs = _layer_params(msg, legacy, label, path)
         if v1_specs:
-            count = max(len(v) for v in v1_specs.values())
-            specs = []
-            for k in range(count):
-                spec = Message()
-                for old, new in (
-                    ("param", "name"),
-                    ("blob_share_mode", "share_mode"),
-                    ("blobs_lr", "lr_mult"),
-                    ("weight_decay", "decay_mult"),
-                ):
-                    values = v1_specs.get(old, [])
-                    if k < len(values):
-                        spec.add(new, values[k])
-                specs.append(Field("param", spec, None))
-            params._fields[0:0] = specs
+            params._fields[0:0] = _upgraded_param_specs(v1_specs)
         return cls(name, type_, lists["bottom"], lists["top"], params, blobs, msg.line)
 
     def __eq__(self, other: object) -> bool:
