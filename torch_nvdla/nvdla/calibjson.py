@@ -135,119 +135,138 @@ def apply_nvdla_rules(layers: Sequence[LayerName], values: Mapping[str, float], 
     """
     if eltwise not in ("report", "unify"):
         raise CalibrationError(f"eltwise must be 'report' or 'unify', got {eltwise!r}")
-    vals = dict(values)
-    findings: list[Finding] = []
-    adjusted: dict[str, tuple[float, float, str]] = {}
+    state = _Rules(layers, values, fix=fix, eltwise=eltwise)
+    for _ in range(10):
+        changed = False
+        for layer in layers:
+            if layer.name in state.vals and layer.kind == "eltwise":
+                changed |= state.eltwise_rule(layer)
+            elif layer.name in state.vals and layer.kind == "concat":
+                changed |= state.concat_rule(layer)
+        for layer in layers:  # pools last: a pool always ends equal to its producer
+            if layer.kind == "pool" and layer.name in state.vals:
+                changed |= state.pool_rule(layer)
+        if not fix or not changed:
+            break
+    else:
+        state.findings.append(Finding("warning", "rules", "", "the pool / concat / element-wise rules did not settle "
+                                      "after 10 passes (conflicting constraints); check the result with "
+                                      "`torch-nvdla check`"))
+    return state.vals, state.findings, state.adjusted
 
-    def set_value(name: str, new: float, rule: str) -> bool:
-        old = vals[name]
+
+class _Rules:
+    """The values being fixed by :func:`apply_nvdla_rules`, what changed, and what was found."""
+
+    def __init__(self, layers: Sequence[LayerName], values: Mapping[str, float], *, fix: bool, eltwise: str) -> None:
+        self.vals = dict(values)
+        self.fix, self.eltwise = fix, eltwise
+        self.findings: list[Finding] = []
+        self.adjusted: dict[str, tuple[float, float, str]] = {}
+        self.by_name = {layer.name: layer for layer in layers}
+        self.order = {layer.name: i for i, layer in enumerate(layers)}
+        self._reported: set[tuple[str, str]] = set()
+
+    def set_value(self, name: str, new: float, rule: str) -> bool:
+        old = self.vals[name]
         if not _differ(old, new):
             return False
-        first = adjusted.get(name, (old, old, rule))[0]
-        adjusted[name] = (first, new, rule)
-        vals[name] = new
+        first = self.adjusted.get(name, (old, old, rule))[0]
+        self.adjusted[name] = (first, new, rule)
+        self.vals[name] = new
         return True
 
-    def known(names: Sequence[str]) -> list[str]:
-        return [n for n in names if n in vals]
+    def known(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if n in self.vals]
 
-    by_name = {layer.name: layer for layer in layers}
-    order = {layer.name: i for i, layer in enumerate(layers)}
+    def once(self, f: Finding) -> None:
+        key = (f.rule, f.layer)
+        if key not in self._reported:
+            self._reported.add(key)
+            self.findings.append(f)
 
-    def anchor(name: str) -> str:
+    def anchor(self, name: str) -> str:
         """The layer a pool chain takes its range from (raising a pool means raising it)."""
         seen = set()
-        while name in by_name and by_name[name].kind == "pool" and name not in seen:
+        while name in self.by_name and self.by_name[name].kind == "pool" and name not in seen:
             seen.add(name)
-            ins = known(by_name[name].inputs)
+            ins = self.known(self.by_name[name].inputs)
             if not ins:
                 break
             name = ins[0]
         return name
 
-    def unify(group: Sequence[str], rule: str) -> tuple[float, bool]:
+    def unify(self, group: Sequence[str], rule: str) -> tuple[float, bool]:
         """Raise every layer of ``group`` (and the producer a pool takes its range from) to
         the group's largest range, so nothing clips; returns that range and whether anything moved."""
-        target = max(vals[i] for i in group)
+        target = max(self.vals[i] for i in group)
         moved = False
         for i in group:
-            moved |= set_value(anchor(i), target, rule)
-            moved |= set_value(i, target, rule)
+            moved |= self.set_value(self.anchor(i), target, rule)
+            moved |= self.set_value(i, target, rule)
         return target, moved
 
-    reported: set[tuple[str, str]] = set()
+    def eltwise_rule(self, layer: LayerName) -> bool:
+        ins = self.known(layer.inputs)
+        if len(ins) < 2:
+            self.once(Finding("warning", "eltwise-inputs", layer.name,
+                              "element-wise layer with unknown inputs: cannot compare their ranges"))
+            return False
+        if not any(_differ(self.vals[i], self.vals[ins[0]]) for i in ins):
+            return False
+        desc = ", ".join(f"{i} {self.vals[i]:.6g}" for i in ins)
+        if self.fix and self.eltwise == "unify":
+            target, moved = self.unify(ins, "eltwise")
+            self.once(Finding("info", "eltwise", layer.name, f"inputs unified to the largest range {target:.6g} "
+                                                             f"(were {desc})"))
+            return moved
+        early, late = sorted(ins[:2], key=lambda n: self.order.get(n, -1))
+        self.once(Finding("warning", "eltwise", layer.name,
+                          f"inputs have different ranges ({desc}); the compiler overwrites the scale of {early} "
+                          f"(created earlier in the network) with {late}'s, for every reader of {early} "
+                          "(--eltwise unify avoids it)"))
+        return False
 
-    def once(f: Finding) -> None:
-        key = (f.rule, f.layer)
-        if key not in reported:
-            reported.add(key)
-            findings.append(f)
+    def concat_rule(self, layer: LayerName) -> bool:
+        ins = self.known(layer.inputs)
+        if not ins:
+            self.once(Finding("warning", "concat-inputs", layer.name,
+                              "concat with unknown inputs: cannot check one shared scale"))
+            return False
+        group = ins + [layer.name]
+        if not any(_differ(self.vals[i], self.vals[group[0]]) for i in group):
+            return False
+        desc = ", ".join(f"{i} {self.vals[i]:.6g}" for i in group)
+        if self.fix:
+            target, moved = self.unify(group, "concat")
+            self.once(Finding("info", "concat", layer.name, f"inputs and output share the largest range {target:.6g} "
+                                                            f"(were {desc})"))
+            return moved
+        self.findings.append(Finding("error", "concat", layer.name, "concat is not rescaled by the hardware: its "
+                                                                    f"inputs and output must share one scale ({desc})"))
+        return False
 
-    for _ in range(10):
-        changed = False
-        for layer in layers:
-            if layer.name not in vals:
-                continue
-            ins = known(layer.inputs)
-            if layer.kind == "eltwise":
-                if len(ins) < 2:
-                    once(Finding("warning", "eltwise-inputs", layer.name,
-                                 "element-wise layer with unknown inputs: cannot compare their ranges"))
-                    continue
-                v = [vals[i] for i in ins]
-                if any(_differ(x, v[0]) for x in v):
-                    desc = ", ".join(f"{i} {vals[i]:.6g}" for i in ins)
-                    if fix and eltwise == "unify":
-                        target, moved = unify(ins, "eltwise")
-                        changed |= moved
-                        once(Finding("info", "eltwise", layer.name, f"inputs unified to the largest range {target:.6g} (were {desc})"))
-                    else:
-                        early, late = sorted(ins[:2], key=lambda n: order.get(n, -1))
-                        once(Finding("warning", "eltwise", layer.name,
-                                     f"inputs have different ranges ({desc}); the compiler overwrites the scale of "
-                                     f"{early} (created earlier in the network) with {late}'s, for every reader "
-                                     f"of {early} (--eltwise unify avoids it)"))
-            elif layer.kind == "concat":
-                if not ins:
-                    once(Finding("warning", "concat-inputs", layer.name, "concat with unknown inputs: cannot check one shared scale"))
-                    continue
-                group = ins + [layer.name]
-                v = [vals[i] for i in group]
-                if any(_differ(x, v[0]) for x in v):
-                    desc = ", ".join(f"{i} {vals[i]:.6g}" for i in group)
-                    if fix:
-                        target, moved = unify(group, "concat")
-                        changed |= moved
-                        once(Finding("info", "concat", layer.name, f"inputs and output share the largest range {target:.6g} (were {desc})"))
-                    else:
-                        findings.append(Finding("error", "concat", layer.name,
-                                                f"concat is not rescaled by the hardware: its inputs and output must share one scale ({desc})"))
-        for layer in layers:
-            if layer.kind != "pool" or layer.name not in vals:
-                continue
-            ins = known(layer.inputs)
-            if not ins:
-                once(Finding("warning", "pool-input", layer.name,
-                             "pool with an unknown producer: its entry must equal the producer's entry "
-                             "(check the file with `torch-nvdla check --prototxt`)"))
-                continue
-            src = ins[0]
-            if _differ(vals[layer.name], vals[src]):
-                if fix:
-                    old = vals[layer.name]
-                    changed |= set_value(layer.name, vals[src], "pool")
-                    once(Finding("info", "pool", layer.name, f"set to its producer {src}'s range {vals[src]:.6g} (measured {old:.6g}): "
-                                 "the pooling engine does not rescale"))
-                else:
-                    findings.append(Finding("error", "pool", layer.name,
-                                            f"scale {vals[layer.name]:.6g} differs from its producer {src}'s {vals[src]:.6g}: "
-                                            "pooling is not rescaled, the network would be mis-scaled (the compiler does not warn)"))
-        if not fix or not changed:
-            break
-    else:
-        findings.append(Finding("warning", "rules", "", "the pool / concat / element-wise rules did not settle after "
-                                "10 passes (conflicting constraints); check the result with `torch-nvdla check`"))
-    return vals, findings, adjusted
+    def pool_rule(self, layer: LayerName) -> bool:
+        ins = self.known(layer.inputs)
+        if not ins:
+            self.once(Finding("warning", "pool-input", layer.name,
+                              "pool with an unknown producer: its entry must equal the producer's entry "
+                              "(check the file with `torch-nvdla check --prototxt`)"))
+            return False
+        src = ins[0]
+        if not _differ(self.vals[layer.name], self.vals[src]):
+            return False
+        if self.fix:
+            old = self.vals[layer.name]
+            moved = self.set_value(layer.name, self.vals[src], "pool")
+            self.once(Finding("info", "pool", layer.name, f"set to its producer {src}'s range {self.vals[src]:.6g} "
+                                                          f"(measured {old:.6g}): the pooling engine does not rescale"))
+            return moved
+        self.findings.append(Finding("error", "pool", layer.name,
+                                     f"scale {self.vals[layer.name]:.6g} differs from its producer {src}'s "
+                                     f"{self.vals[src]:.6g}: pooling is not rescaled, the network would be mis-scaled "
+                                     "(the compiler does not warn)"))
+        return False
 
 
 def _consumers(layers: Sequence[LayerName]) -> dict[str, list[str]]:
