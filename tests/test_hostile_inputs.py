@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_nvdla import CalibrationTable, TapRange, calibrate
+from torch_nvdla import CalibrationTable, TapRange, TapSelection, calibrate
 from torch_nvdla.cli import main
 from torch_nvdla.errors import FileFormatError
 
@@ -629,9 +629,11 @@ def test_evaluate_and_sweep_calibrate_what_the_simulation_needs(capsys):
     assert report.row("minmax", "nvdla").images == 8
     swept = sweep(model, calib, data, method="minmax", order="isolated", progress=False)
     assert "c" in swept.layers and len(swept.isolated) == len(swept.layers) == 3
-    plain = calibrate(model, [x[:8]], "minmax", progress=False)
+    with int8_simulation(model, calibrate(model, [x[:8]], "minmax", progress=False), mode="nvdla", example=x[:2]):
+        pass  # the default calibration observes c's input (a functional op's result) itself
+    lacking = calibrate(model, [x[:8]], "minmax", taps=TapSelection(unseen_inputs=False), progress=False)
     with pytest.raises(CalibrationError, match="--missing fp32"):
-        with int8_simulation(model, plain, mode="nvdla", example=x[:2]):
+        with int8_simulation(model, lacking, mode="nvdla", example=x[:2]):
             pass
 
 
@@ -642,13 +644,14 @@ def test_fake_quant_never_leaves_a_conv_input_in_float_silently():
     torch.manual_seed(0)
     model = _Functional()
     x = torch.randn(8, 3, 8, 8)
-    plain = calibrate(model, [x], "minmax", progress=False)
+    plain = calibrate(model, [x], "minmax", taps=TapSelection(unseen_inputs=False), progress=False)
     with pytest.raises(CalibrationError, match="c needs 'c:input'"):
         with int8_simulation(model, plain, mode="fake", example=x[:2]):
             pass
     with int8_simulation(model, plain, mode="fake", missing="fp32", example=x[:2]) as sim:
         assert ("c", "c:input") in sim.missing
     full = calibrate(model, [x], "minmax", taps=simulation_taps(model, x[:2]), progress=False)
+    assert list(full) == list(calibrate(model, [x], "minmax", progress=False))  # the default observes the same
     seen = {}
     with torch.no_grad(), int8_simulation(model, full, mode="fake", example=x[:2]):
         # registered after the simulation's own hooks: sees what conv ``c`` is given
@@ -668,7 +671,7 @@ def test_export_onnx_says_what_runs_in_float_and_strict_fails(tmp_path, capsys):
     torch.manual_seed(0)
     model = _Functional()
     x = torch.randn(8, 3, 8, 8)
-    plain = calibrate(model, [x], "minmax", progress=False)  # lacks c:input
+    plain = calibrate(model, [x], "minmax", taps=TapSelection(unseen_inputs=False), progress=False)  # no c:input
     res = export_onnx(model, plain, tmp_path / "m.onnx", example_input=x[:4], show=False)
     assert "c" in res.in_float and "FP32" in capsys.readouterr().err
     assert res.to_dict()["in_float"] == res.in_float
@@ -692,6 +695,9 @@ def test_cli_export_onnx_strict_fails_when_a_layer_runs_in_float(tmp_path, capsy
     table = tmp_path / "table.json"
     assert _cli(capsys, "calibrate", *model, "--num-images", "8", "-o", table)[0] == 0
     argv = ["export-onnx", *model, "--table", table, "--example-images", "4", "-o", tmp_path / "m.onnx"]
+    assert _cli(capsys, *argv, "--strict")[0] == 0  # the default calibration covers every layer
+    calibrate(functional_model(), [functional_data()[0][0]], taps=TapSelection(unseen_inputs=False),
+              progress=False).save(table)  # a table without c's input
     assert _cli(capsys, *argv)[0] == 0
     rc, text = _cli(capsys, *argv, "--strict")
     assert rc == 1 and "FP32" in text
@@ -730,10 +736,10 @@ def test_calib_json_warns_when_a_module_reads_a_functional_sum(tmp_path, capsys)
     table, names = calibrate_for_nvdla(Case1(), x, "generic", progress=False)
     report = export_calib_json(table, tmp_path / "calib.json", names)
     hits = [f for f in report.findings if f.rule == "functional-op"]
-    assert [(f.layer, f.level) for f in hits] == [("relu", "warning")]
+    assert [(f.layer, f.level) for f in hits] == [("relu:input", "warning")]  # the sum, observed, has no key
     assert "export_caffe" in hits[0].message and "(functional-op)" in capsys.readouterr().err
-    assert not [f for f in export_calib_json(table, tmp_path / "t.json", show=False).findings
-                if f.rule == "functional-op"]  # NvdlaNames.from_table: producers unknown, not traced
+    untraced = export_calib_json(table, tmp_path / "t.json", show=False).findings  # NvdlaNames.from_table
+    assert [f.layer for f in untraced if f.rule == "functional-op"] == ["relu:input"]  # no per-layer guesses
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     table, names = calibrate_for_nvdla(plain, x, "generic", progress=False)
     assert not [f for f in export_calib_json(table, tmp_path / "p.json", names, show=False).findings

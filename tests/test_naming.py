@@ -197,10 +197,13 @@ def test_generic_layer_name():
 def test_resolve_reports_missing_and_unnamed_taps():
     model = _resnet(torchvision.models.resnet18)
     x = torch.randn(2, 3, 32, 32)
-    table = calibrate(model, [x], method="minmax", progress=False)  # default taps: no BN split, no sums
+    table = calibrate(model, [x], method="minmax", progress=False)  # default taps: no BN split
     names = resnet_caffe_names(model)
     res = names.resolve(table)
-    assert "bn_conv1" in res.missing and "res2a" in res.missing and "prob" not in res.missing
+    # the residual sums (``out += identity`` read by relu) are observed by default as the
+    # relu's ':input'; the BatchNorm halves are not
+    assert "bn_conv1" in res.missing and "res2a" not in res.missing and "prob" not in res.missing
+    assert res.sources["res2a"] == "layer1.0.relu#1:input"
     assert res.amax["prob"] == 1.0 and res.sources["prob"].startswith("fixed")
     assert res.unnamed == ()
     with pytest.raises(CalibrationError, match=r"bn_conv1 \(tap 'bn1:normalized'\).*taps=names.selection"):

@@ -78,6 +78,11 @@ class TapSelection:
             module path a predicate ``(path, module) -> bool`` accepts.
         inputs: tap names (fnmatch patterns allowed, e.g. ``"layer*.relu#2"``) whose
             input is also observed, as ``<tap>:input``.
+        unseen_inputs: also observe, as ``<tap>:input``, the input of every leaf call that
+            no tap of the pass has observed as it is: a functional op's result (a residual
+            ``+``, ``torch.cat``, ``F.relu`` in ``forward``) or a tensor changed in place
+            after it was observed. These are the tensors the simulation, the Caffe export
+            and the ONNX Q/DQ placement read that no module output holds.
         derived: extra derived tensors, e.g. :data:`BN_NORMALIZED`.
         reuse: derive ReLU / value-preserving taps from their producer's histogram.
     """
@@ -85,6 +90,7 @@ class TapSelection:
     model_input: bool = True
     outputs: bool | Callable[[str, nn.Module], bool] = True
     inputs: tuple[str, ...] = ()
+    unseen_inputs: bool = True
     derived: tuple[DerivedTap, ...] = ()
     reuse: bool = True
 
@@ -106,6 +112,7 @@ class TapSelection:
             model_input=self.model_input or other.model_input,
             outputs=outputs,
             inputs=tuple(dict.fromkeys(self.inputs + other.inputs)),
+            unseen_inputs=self.unseen_inputs or other.unseen_inputs,
             derived=tuple(dict.fromkeys(self.derived + other.derived)),
             reuse=self.reuse and other.reuse,
         )
@@ -187,13 +194,60 @@ def _why_not(x) -> str:
     return f"{type(x).__name__}, not a floating tensor"
 
 
+def _extent(x: torch.Tensor) -> tuple | None:
+    """The elements a dense tensor spans: its storage, first element and count (a view that
+    reorders or reshapes all of them has the same extent); None for a tensor with gaps or
+    overlaps, whose elements its extent does not determine."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.numel(), x.dtype)
+
+
 @dataclass
 class _Producer:
-    """The latest observed tensor: who saw it and at which version."""
+    """A tensor seen in this pass: who saw it and at which version."""
 
     ref: weakref.ref
     version: int
     name: str
+
+
+class _TensorMemo:
+    """Tensors of one forward pass by identity, and by the elements they span (so a view of
+    all of a tensor's elements -- ``flatten``, ``view``, ``permute`` -- is found too), each
+    only while unmodified (its version counter unchanged)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, _Producer] = {}
+        self._by_extent: dict[tuple, _Producer] = {}
+
+    def clear(self) -> None:
+        self._by_id.clear()
+        self._by_extent.clear()
+
+    def remember(self, x: torch.Tensor, name: str) -> None:
+        p = _Producer(weakref.ref(x), x._version, name)
+        self._by_id[id(x)] = p
+        extent = _extent(x)
+        if extent is not None:
+            self._by_extent[extent] = p
+
+    def get(self, x) -> str | None:
+        """The name ``x`` (or a tensor spanning the same elements) was remembered under, if
+        unmodified since."""
+        if not isinstance(x, torch.Tensor):
+            return None
+        p = self._by_id.get(id(x))
+        if p is None or p.ref() is not x:
+            extent = _extent(x)
+            p = self._by_extent.get(extent) if extent is not None else None
+            origin = p.ref() if p is not None else None
+            if origin is None or _extent(origin) != extent:
+                return None
+        return p.name if x._version == p.version else None
 
 
 class CallSites:
@@ -292,7 +346,8 @@ class TapHooks:
         self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
         self._sites = CallSites(model, on_input=self._on_input, on_call=self._on_call, on_output=self._on_output)
         self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
-        self._seen: dict[int, _Producer] = {}  # id(tensor) -> who observed it in this pass
+        self._seen = _TensorMemo()  # tensor -> the tap that observed it in this pass
+        self._made = _TensorMemo()  # tensor -> the leaf call (or the input) that made it
 
     # -- life cycle -------------------------------------------------------------------
     def __enter__(self) -> "TapHooks":
@@ -306,6 +361,7 @@ class TapHooks:
         """Remove every hook this object registered."""
         self._sites.close()
         self._seen.clear()
+        self._made.clear()
         self._source.clear()
 
     # -- bookkeeping --------------------------------------------------------------------
@@ -323,26 +379,43 @@ class TapHooks:
 
     def _remember(self, x: torch.Tensor, name: str) -> None:
         """Record that tap ``name`` holds the histogram of ``x`` as it is now."""
-        self._seen[id(x)] = _Producer(weakref.ref(x), x._version, name)
+        self._seen.remember(x, name)
+
+    def _observed_as(self, x) -> str | None:
+        """The tap that observed ``x``'s values in this pass, unmodified, if any (``x`` itself
+        or a view of all its elements)."""
+        name = self._seen.get(x)
+        return name if name is not None and self.observers[name].last is not None else None
 
     def _reusable(self, x) -> str | None:
-        """The tap that observed exactly ``x`` in this pass (same object, unmodified), if any."""
-        p = self._seen.get(id(x)) if self.selection.reuse and x is not None else None
-        if p is None or p.ref() is not x or x._version != p.version:
-            return None
-        return p.name if self.observers[p.name].last is not None else None
+        """:meth:`_observed_as`, when the selection lets taps reuse each other's histograms."""
+        return self._observed_as(x) if self.selection.reuse else None
+
+    def _unseen(self, x) -> bool:
+        """``x`` is neither observed as it is nor an unchanged leaf output / model input (or a
+        view of one): a functional op made it, or it changed in place since."""
+        return _observable(x) and self._observed_as(x) is None and self._made.get(x) is None
+
+    def _made_by(self, x, name: str) -> None:
+        if isinstance(x, torch.Tensor):
+            self._made.remember(x, name)
 
     # -- hooks ---------------------------------------------------------------------------
     def _on_input(self, module, args, kwargs):
         self._source.clear()
         self._seen.clear()
+        self._made.clear()
+        x = first_tensor(tuple(args) + tuple(kwargs.values()))
+        self._made_by(x, "data")
         if self.selection.model_input:
-            x = first_tensor(tuple(args) + tuple(kwargs.values()))
             if _observable(x):
                 self._observe("data", TapInfo("data", "", 0, "input", type(module).__name__, 0), x)
 
     def _on_call(self, tap, path, call, module, args):
-        if self.selection.inputs and self.selection.wants_input(tap):
+        wanted = bool(self.selection.inputs) and self.selection.wants_input(tap)
+        if not wanted and self.selection.unseen_inputs:
+            wanted = self._unseen(first_tensor(args))
+        if wanted:
             x = first_tensor(args)
             name = f"{tap}:input"
             if _observable(x):
@@ -361,6 +434,7 @@ class TapHooks:
     def _on_output(self, tap, path, call, module, args, output):
         src = self._source.pop(id(module), None)
         mtype = type(module).__name__
+        self._made_by(output, tap)
         if self.selection.wants_output(path, module):
             info = TapInfo(tap, path, call, "output", mtype, 0)
             if not _observable(output):
