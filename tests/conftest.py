@@ -33,3 +33,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--heavy", action="store_true", default=False,
+                     help="also run the tests marked heavy (torchvision models through every step; minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy: run with --heavy (or scripts/coverage_matrix.py)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

@@ -593,13 +593,13 @@ def _edge_of(edge: Sequence[str | None], p: int | None) -> str | None:
     return "data" if p == DATA else edge[p]
 
 
-def _edge_scales(raw: Sequence[_RawCall], call_layer: Sequence[int | None], groups: Sequence[_Group]
-                 ) -> list[str | None]:
+def _edge_scales(raw: Sequence[_RawCall], call_layer: Sequence[int | None], groups: Sequence[_Group],
+                 tapset: set[str]) -> list[str | None]:
     """The table entry every call's output is written at, with the compiler's element-wise rule
     applied to a fixed point.
 
     A group writes at its last call's tap; pools and value-preserving calls keep their
-    input's. When the two inputs of a sum differ, the producer of the earlier-created one
+    input's (a functional op's result: the call's ``:input`` tap, when observed). When the two inputs of a sum differ, the producer of the earlier-created one
     (when it can rescale) writes at the later one's entry instead, which moves every other
     reader of that tensor too: iterate until nothing changes.
     """
@@ -612,6 +612,8 @@ def _edge_scales(raw: Sequence[_RawCall], call_layer: Sequence[int | None], grou
             g = groups[g_i] if g_i is not None else None
             if c.kind == "pass" or (g is not None and g.kind in ("maxpool", "avgpool")):
                 edge[c.index] = _edge_of(edge, c.producers[0]) if c.producers else None
+                if edge[c.index] is None and f"{c.tap}:input" in tapset:
+                    edge[c.index] = f"{c.tap}:input"
                 if c.subsampled and g_i in override:  # its 1x1 subsampling conv can rescale
                     edge[c.index] = override[g_i]
             elif c.kind == "opaque" or g is None:
@@ -708,8 +710,8 @@ def _build_plan(raw: Sequence[_RawCall], table, model: nn.Module, config: Simula
     fingerprint = model_fingerprint(model)  # hashes every weight: once per plan
     notes = _table_model_check(table, raw, model, config, fingerprint)
     call_layer, groups = _fuse(raw)
-    edge = _edge_scales(raw, call_layer, groups)
     tapset = set(table)
+    edge = _edge_scales(raw, call_layer, groups, tapset)
     layers: list[Layer] = []
     needed: list[tuple[str, str]] = []
     for g_i, g in enumerate(groups):
