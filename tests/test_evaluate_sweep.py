@@ -235,6 +235,21 @@ def test_cli_evaluate_json(capsys):
     assert [r["simulation"] for r in obj["rows"]] == ["fp32", "fake", "nvdla"]
 
 
+def test_cli_evaluate_plan_is_the_plan_the_simulation_ran(capsys, monkeypatch):
+    """``--plan`` prints the NVDLA plan evaluate simulated; nothing is calibrated twice."""
+    from torch_nvdla.calib import calibrate as calibrate_module
+    from torch_nvdla.cli import main
+
+    calls = []
+    real = calibrate_module.calibrate
+    monkeypatch.setattr(calibrate_module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["evaluate", "--methods", "minmax", "--simulations", "nvdla", "--eval-images", "50", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "NVDLA simulation plan (minmax)" in out and "conv1" in out and len(calls) == 1
+    assert main(["evaluate", "--methods", "minmax", "--simulations", "fake", "--eval-images", "50", "--plan"]) == 0
+    assert "no NVDLA simulation ran" in capsys.readouterr().err
+
+
 def test_cli_sweep_and_demo(tmp_path, capsys):
     from torch_nvdla.cli import main
 

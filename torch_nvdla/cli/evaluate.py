@@ -66,16 +66,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         if args.plan:
-            from ..sim.simulate import plan_simulation
-
-            table = calibration if args.table else None
-            if table is None:
-                from ..calib.calibrate import calibrate
-
-                table = calibrate(model, data.loader("calibration", args.batch_size, limit=args.calib_images),
-                                  args.methods[0], progress=False)
-            plan_simulation(model, table, (xs[:2], ys[:2]), mode="nvdla", weights=args.weights,
-                            missing=args.missing).print()
+            for method, plan in report.plans.items():  # the plans the NVDLA simulations ran
+                plan.print(title=f"NVDLA simulation plan ({method})")
+                break
+            else:
+                say("[yellow]--plan: no NVDLA simulation ran (add nvdla to --simulations)[/]")
         report.print()
         for note in report.notes:
             say(f"[yellow]{note}[/]")

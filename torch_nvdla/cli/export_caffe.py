@@ -69,19 +69,19 @@ def run(args: argparse.Namespace) -> int:
         if args.input_shape is None:
             # a real image drives tracing and verification
             example = data.calibration[0][:1].to(next(model.parameters()).dtype)
+    # One conversion (verified unless --no-verify): its selection drives the calibration.
+    conversion = convert_to_caffe(model, args.input_shape, example_input=example, names=args.preset,
+                                  overrides=overrides, net_name=args.net_name, verify=not args.no_verify)
     if args.table is not None:
         table = CalibrationTable.load(args.table)
     else:
         from ..calib.calibrate import calibrate
 
-        conversion = convert_to_caffe(model, args.input_shape, example_input=example, names=args.preset,
-                                      overrides=overrides, verify=False)
         table = calibrate(model, loader, taps=conversion.selection, progress=not args.json, **calibration_kwargs(args))
     if args.save_table:
         table.save(args.save_table)
-    result = export_caffe(model, table, args.output_dir, input_shape=args.input_shape, example_input=example,
-                          names=args.preset, overrides=overrides, net_name=args.net_name, eltwise=args.eltwise,
-                          verify=not args.no_verify, target=args.target)
+    result = export_caffe(model, table, args.output_dir, eltwise=args.eltwise, target=args.target,
+                          conversion=conversion)
     conv = result.conversion
     if args.json:
         print(json.dumps({

@@ -1191,6 +1191,7 @@ def export_caffe(
     verify: bool = True,
     rtol: float = RTOL,
     target: str = "nv_full",
+    conversion: "CaffeConversion | None" = None,
 ) -> CaffeExport:
     """Write ``deploy.prototxt``, ``model.caffemodel`` and ``calib.json`` for the NVDLA compiler.
 
@@ -1214,6 +1215,9 @@ def export_caffe(
         target: the compiler's ``--configtarget``; layers it cannot run are refused
             (:func:`~torch_nvdla.nvdla.rules.hardware_issues`: a pooling kernel above 8,
             LUT activations, PROD / MAX sums, ...).
+        conversion: a :func:`convert_to_caffe` of this model already made (e.g. for
+            ``conversion.selection`` before calibrating): written as it is, not converted
+            again (the naming and verification options are then its own).
 
     Returns:
         A :class:`CaffeExport`.
@@ -1226,8 +1230,9 @@ def export_caffe(
     """
     from ..nvdla.calibjson import export_calib_json
 
-    conversion = convert_to_caffe(model, input_shape, example_input=example_input, names=names, overrides=overrides,
-                                  net_name=net_name, verify=verify, rtol=rtol)
+    if conversion is None:
+        conversion = convert_to_caffe(model, input_shape, example_input=example_input, names=names,
+                                      overrides=overrides, net_name=net_name, verify=verify, rtol=rtol)
     from ..nvdla.rules import hardware_issues
 
     blocking = [i for i in hardware_issues(conversion.net, target) if i.level == "error"]

@@ -6,7 +6,7 @@ Design notes and the facts behind them: ``docs/sim.md``.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -17,7 +17,7 @@ from ..errors import CalibrationError
 from ..model.batch import LABEL_KEYS, run_batch, split_labels, to_device
 from ..model.state import eval_mode, model_device
 from ..utils.console import progress_iter
-from .simulate import simulation_taps
+from .simulate import SimulationPlan, simulation_taps
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -240,6 +240,8 @@ class EvaluationReport:
         data: a display name.
         notes: what the simulations reported (fallbacks, fusions are in the plans).
         seconds: wall time.
+        plans: strategy -> the :class:`~torch_nvdla.sim.simulate.SimulationPlan` its NVDLA
+            simulation ran (layers, scales, fusions), when ``"nvdla"`` was simulated.
     """
 
     rows: tuple[EvaluationRow, ...]
@@ -249,6 +251,7 @@ class EvaluationReport:
     data: str = ""
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    plans: Mapping[str, SimulationPlan] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.rows or self.rows[0].simulation != "fp32":
@@ -433,6 +436,7 @@ def evaluate(
             notes.append(msg)
     rows = [EvaluationRow(method="", simulation="fp32", weights="", placement="", top1=fp32.top1, top5=fp32.top5,
                           images=fp32.images, drop1=0.0, drop5=0.0)]
+    plans: dict[str, SimulationPlan] = {}
     for method, table in tables:
         for sim in simulations:
             pl = (placement or "all") if sim == "fake" else "nvdla"
@@ -451,9 +455,11 @@ def evaluate(
                         "are not simulated there, the hardware may differ (write those ops as modules)")
                 if functional and note not in notes:
                     notes.append(note)
+                if sim == "nvdla" and s.plan is not None:
+                    plans[method] = s.plan
             rows.append(EvaluationRow(method=method, simulation=sim, weights=weights, placement=pl,
                                       top1=acc.top1, top5=acc.top5, images=acc.images,
                                       drop1=fp32.top1 - acc.top1, drop5=fp32.top5 - acc.top5))
     return EvaluationReport(rows=tuple(rows), calibration_images=calib_images, evaluation_images=fp32.images,
                             model=model_name or type(model).__name__, data=data_name, notes=tuple(notes),
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, plans=plans)
