@@ -259,3 +259,37 @@ def test_weight_bank_rule_predicts_the_compilers_verdict(tmp_path, channels, out
         with pytest.raises(CaffeExportError, match="convolution buffer"):
             export_caffe(model, table, tmp_path / "refused", input_shape=(1, 3, 4, 4), target=target)
         assert not (tmp_path / "refused" / "deploy.prototxt").exists()
+
+
+def test_relu6_exports_as_a_capped_relu_the_compiler_and_simulation_agree_on(tmp_path):
+    """ReLU6 is written as a Caffe ReLU whose entry is at most 6 (INT8 saturation caps it):
+    it compiles, and every converter the compiler programs is the simulation's."""
+    import json
+
+    from torch import nn
+
+    from torch_nvdla import calibrate
+    from torch_nvdla.export.caffe import caffe_tap_selection, export_caffe
+    from torch_nvdla.sim.simulate import int8_simulation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(0.05)  # so the BN output reaches past 6
+    x = torch.randn(16, 3, 8, 8) * 3
+    table = calibrate(model, [x], taps=caffe_tap_selection(model, (1, 3, 8, 8)), progress=False)
+    assert table["2"].amax == 6.0 and table["1"].amax > 6.0
+    ex = export_caffe(model, table, tmp_path / "caffe", input_shape=(1, 3, 8, 8))
+    text = ex.prototxt.read_text()
+    assert "ReLU6" not in text and text.count('type: "ReLU"') == 2
+    assert all(v["scale"] <= 6.0 / 127 * (1 + 1e-9) for k, v in json.loads(ex.calib_json.read_text()).items()
+               if k in ("2", "4"))
+    result = compile_caffe(ex.prototxt, ex.caffemodel, ex.calib_json, informat="nchw", timeout=TIMEOUT)
+    assert result.ok, result.log[-1500:]
+    with torch.no_grad(), int8_simulation(model, table, mode="nvdla", example=x) as sim:
+        requant = sim.requantization()
+        q = model(x)
+    assert _compiler_layers(result) == _sim_layers(requant)
+    ref = model(x)
+    assert (q.argmax(1) == ref.argmax(1)).float().mean() >= 0.9

@@ -47,6 +47,9 @@ __all__ = [
 
 #: Default relative tolerance of the verification: ``max|caffe - torch| <= RTOL * max|torch|``.
 RTOL = 1e-4
+#: ReLU6's cap: written as a Caffe ReLU whose range is at most this, so INT8 saturation caps it.
+RELU6_CAP = 6.0
+RELU6_NOTE = "ReLU6: a ReLU whose entry is at most 6, so INT8 saturation does the cap"
 
 
 class CaffeExportError(TorchNvdlaError, ValueError):
@@ -366,6 +369,8 @@ class _Converter:
         elif isinstance(mod, nn.ReLU):
             self.emit(node, "ReLU", [self.tensor(args[0], where)], kind="relu", rule="producer", inplace_ok=True,
                       **common)
+        elif isinstance(mod, nn.ReLU6):
+            self.relu6(node, args[0], where, common)
         elif isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             self.pooling(node, mod, where, common)
         elif isinstance(mod, nn.Softmax):
@@ -416,6 +421,22 @@ class _Converter:
     def fn_relu(self, node, name, args, kwargs, where, common) -> None:
         self.emit(node, "ReLU", [self.tensor(args[0], where)], kind="relu", rule="producer", inplace_ok=True,
                   **common)
+
+    def fn_relu6(self, node, name, args, kwargs, where, common) -> None:
+        if name == "hardtanh":
+            lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+            hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+            if (lo, hi) != (0.0, 6.0):
+                raise CaffeExportError(f"{where}: hardtanh({lo}, {hi}) has no NVDLA Caffe equivalent "
+                                       "(only hardtanh(0, 6), a ReLU6)")
+        self.relu6(node, args[0], where, common)
+
+    def relu6(self, node, x, where: str, common: dict) -> None:
+        """ReLU6 as a Caffe ReLU whose entry is at most 6: INT8 saturation at ``127 * S`` then
+        caps it exactly (``min(relu(x), 6)`` quantized is ``min(relu(x), amax)`` for any
+        ``amax <= 6``); the calib.json writer holds it to that."""
+        self.emit(node, "ReLU", [self.tensor(x, where)], kind="relu", rule="producer", inplace_ok=True,
+                  note=RELU6_NOTE, **common)
 
     def fn_flatten(self, node, name, args, kwargs, where, common) -> None:
         start = kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
@@ -853,6 +874,11 @@ class CaffeConversion:
                         missing.append(f"{info.name} (tap {tap!r})")
                         continue
                     amax[info.name] = float(table[tap].amax)
+                    if info.note == RELU6_NOTE and amax[info.name] > RELU6_CAP:
+                        amax[info.name] = RELU6_CAP  # ReLU6 never exceeds it: the entry saturates there
+                        out.append(LayerName(name=info.name, amax=RELU6_CAP, kind=info.kind, inputs=info.inputs,
+                                             note=info.note))
+                        continue
                 out.append(LayerName(name=info.name, tap=tap, kind=info.kind, inputs=info.inputs,
                                      note=info.note))
                 continue
@@ -865,6 +891,8 @@ class CaffeConversion:
                 elif any(v is None for v in ins) or not ins:
                     missing.append(f"{info.name} (its inputs have no range)")
                     continue
+                elif info.rule == "producer" and info.note == RELU6_NOTE:
+                    value, note = min(ins[0], RELU6_CAP), f"no tap: range of its input {info.inputs[0]}, at most 6"
                 elif info.rule == "producer":
                     value, note = ins[0], f"no tap: range of its input {info.inputs[0]} (an upper bound)"
                 elif info.rule == "sum":
@@ -1077,6 +1105,9 @@ def _verify(conv: CaffeConversion, layers: list[_Layer], values: Mapping[fx.Node
         module = build_module(deploy, weights, source="<deploy.prototxt>")
     except (CaffeImportError, TorchNvdlaError) as exc:
         raise CaffeExportError(f"the exported net does not read back: {exc}") from exc
+    for info in conv.layers:  # a ReLU6's cap is the INT8 saturation of its entry: model it here
+        if info.note == RELU6_NOTE:
+            setattr(module, module.module_names[info.name], nn.ReLU6())
     xs = x.detach().to("cpu", torch.float32)
     with torch.no_grad():
         tops: dict[str, torch.Tensor] = {}
@@ -1275,6 +1306,8 @@ def _function_kind(target: Any, name: str) -> str | None:
         return "add"
     if target in (F.relu, torch.relu, torch.relu_) or name in ("relu", "relu_"):
         return "relu"
+    if target in (F.relu6, F.hardtanh) or name in ("relu6", "hardtanh", "hardtanh_"):
+        return "relu6"
     if target is torch.flatten or name == "flatten":
         return "flatten"
     if name in ("view", "reshape") or target is torch.reshape:
@@ -1292,7 +1325,7 @@ def _function_kind(target: Any, name: str) -> str | None:
 
 #: Function kind -> the converter method that writes it.
 _FUNCTION_HANDLERS = {
-    "add": _Converter.fn_add, "relu": _Converter.fn_relu, "flatten": _Converter.fn_flatten,
+    "add": _Converter.fn_add, "relu": _Converter.fn_relu, "relu6": _Converter.fn_relu6, "flatten": _Converter.fn_flatten,
     "reshape": _Converter.fn_reshape, "cat": _Converter.fn_cat, "softmax": _Converter.fn_softmax,
     "pool": _Converter.fn_pool, "identity": _Converter.fn_identity,
 }

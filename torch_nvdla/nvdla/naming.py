@@ -395,7 +395,7 @@ _TYPE_KINDS = (
     (("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"), "conv"),
     (("Linear",), "fc"),
     (("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"), "scale"),
-    (("ReLU",), "relu"),
+    (("ReLU", "ReLU6"), "relu"),
     (("MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
       "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d"), "pool"),
     (("Softmax",), "softmax"),

@@ -360,7 +360,7 @@ def _classify(module: nn.Module, inputs: list[torch.Tensor], versions: list[int]
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None \
             and module.running_var is not None:
         return "bn"
-    if isinstance(module, nn.ReLU):
+    if isinstance(module, (nn.ReLU, nn.ReLU6)):  # ReLU6: INT8 saturation caps it when its amax <= 6
         return "relu"
     if isinstance(module, _MAXPOOL_TYPES) and not getattr(module, "return_indices", False):
         return "maxpool"
