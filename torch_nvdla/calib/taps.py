@@ -414,7 +414,10 @@ class TapHooks:
     def _on_call(self, tap, path, call, module, args):
         wanted = bool(self.selection.inputs) and self.selection.wants_input(tap)
         if not wanted and self.selection.unseen_inputs:
-            wanted = self._unseen(first_tensor(args))
+            x = first_tensor(args)
+            # unseen, or seen only as another call's ':input' (a functional result read by
+            # several calls: each gets its own name, sharing the one histogram)
+            wanted = self._unseen(x) or (self._observed_as(x) or "").endswith(":input")
         if wanted:
             x = first_tensor(args)
             name = f"{tap}:input"
