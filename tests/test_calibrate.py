@@ -384,6 +384,36 @@ def test_identity_reuses_any_earlier_tap_of_the_pass_not_only_the_latest():
     assert derived.amaxes() == direct.amaxes()
 
 
+def test_functional_results_are_observed_once_per_reader_by_default():
+    """A ``torch.cat`` read by three modules (an Inception block): each reader gets its own
+    ``:input`` tap, all three sharing one histogram; a flatten of an observed tensor is
+    recognised as the same values and not observed at all."""
+
+    class Inception(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(5)
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)
+            self.c1, self.c2 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            z = self.c1(y) + self.c2(y) + self.pool(y).repeat(1, 1, 2, 2)[:, :4]
+            return self.fc(torch.flatten(self.pool(z), 1))
+
+    xs = _images(2, 4, seed=9)
+    table = calibrate(Inception(), xs, progress=False)
+    reused = table.meta["reused"]
+    assert "c1:input" in table and reused["c2:input"] == "c1:input" and reused["pool:input"] == "c1:input"
+    assert "pool#1:input" in table  # the sum z: a functional result
+    assert "fc:input" not in table  # flatten of the observed pool#1 output: the same values
+    direct = calibrate(Inception(), xs, taps=TapSelection(reuse=False), progress=False)
+    assert list(direct) == list(table)
+    _same_histograms(table, direct)
+
+
 # -- cache ------------------------------------------------------------------------------------------------
 
 
