@@ -7,8 +7,8 @@ For every model, in order, with one default ``calibrate(model, images)`` table:
 * **fake** / **nvdla** -- ``int8_simulation`` in fake-quant and NVDLA-integer mode on that
   table (the cell gives the share of the batch whose top-1 matches FP32);
 * **calib.json** -- ``calibrate_for_nvdla`` + ``export_calib_json`` (warnings counted);
-* **caffe** -- ``export_caffe`` with the taps the Caffe names need
-  (``caffe_tap_selection``: the BatchNorm halves are Caffe layers of their own);
+* **caffe** -- ``export_caffe`` on the default table, BatchNorm folded into the
+  convolutions (``fold_batchnorm=True``: no BatchNorm / Scale layers need ranges);
 * **compile** -- the real NVDLA compiler on that export (``nv_full``, fast-math,
   per-kernel, feature input) where ``../shared/nvdla/compiler`` is found;
 * **onnx** -- ``export_onnx`` (Q/DQ) on the default table (taps left in FP32 counted).
@@ -204,7 +204,7 @@ def _agreement(model: nn.Module, table, x: torch.Tensor, mode: str) -> str:
 def run_model(name: str, *, images: int = 4, compiler_timeout: float = 120.0, workdir: Path | None = None) -> Row:
     """Every step on one model of :data:`MODELS`."""
     from torch_nvdla import calibrate
-    from torch_nvdla.export.caffe import caffe_tap_selection, export_caffe
+    from torch_nvdla.export.caffe import export_caffe
     from torch_nvdla.nvdla.calibjson import export_calib_json
     from torch_nvdla.nvdla.compiler import compile_caffe, find_compiler
     from torch_nvdla.nvdla.naming import calibrate_for_nvdla
@@ -235,12 +235,11 @@ def run_model(name: str, *, images: int = 4, compiler_timeout: float = 120.0, wo
     row.cells["calib.json"] = _step(do_calib_json)
 
     def do_caffe() -> str:
-        shape = (1, 3, size, size)
-        t = calibrate(model, [x], taps=caffe_tap_selection(model, shape), progress=False)
-        state["caffe"] = export_caffe(model, t, work / "caffe", input_shape=shape)
+        state["caffe"] = export_caffe(model, table, work / "caffe", input_shape=(1, 3, size, size),
+                                      fold_batchnorm=True)
         return f"{len(state['caffe'].scales)} calib entries"
 
-    row.cells["caffe"] = _step(do_caffe)
+    row.cells["caffe"] = _step(do_caffe) if table is not None else Cell("skipped")
     exported = state.get("caffe")
     if exported is None or find_compiler() is None:
         row.cells["compile"] = Cell("skipped", "no export" if exported is None else "no compiler")

@@ -133,11 +133,13 @@ def resnet20(shared_data, tmp_path_factory):
 
 
 def _ops(result):
-    """Every conv / fc and element-wise converter of the compiler, in order: (kind, m, t)."""
+    """Every conv / fc and element-wise converter of the compiler, in order: (kind, m, t);
+    per-filter, ``m`` is the tuple of every filter's multiplier."""
     out = []
     for (op, kind), lines in groupby((r for r in result.requant if r.kind != "bn"), key=lambda r: (r.op, r.kind)):
         lines = list(lines)
-        out.append(("eltwise" if kind == "eltwise" else "conv", lines[0].m, lines[0].t))
+        ms = tuple(r.m for r in lines)
+        out.append(("eltwise" if kind == "eltwise" else "conv", ms[0] if len(ms) == 1 else ms, lines[0].t))
     return out
 
 
@@ -157,6 +159,35 @@ def test_resnet20_every_multiplier_shift_and_bias_equals_the_compilers(resnet20)
     assert len(ours) == 29 and sum(k == "eltwise" for k, _, _ in ours) == 9
     assert _ops(result) == ours
     assert [(b.q16, b.shift) for b in result.biases] == _sim_biases(requant) and result.biases
+
+
+@pytest.mark.parametrize("weights", ["per-kernel", "per-filter"])
+def test_folded_batchnorm_export_from_a_default_calibration_compiles_to_the_simulated_program(
+        shared_data, tmp_path, weights):
+    """``fold_batchnorm=True`` writes each BatchNorm into its convolution: a default
+    calibration has every range, no BatchNorm / Scale layer is written, and every
+    converter, sum and bias the compiler programs (fast-math) is the simulation's."""
+    from torch_nvdla.calib.calibrate import calibrate
+    from torch_nvdla.export.caffe import export_caffe
+    from torch_nvdla.sim.simulate import int8_simulation
+    from torch_nvdla.zoo.registry import get_dataset, get_model
+
+    model = get_model("cifar-resnet20")
+    data = get_dataset("cifar10")
+    x = data.calibration[0][:8]
+    table = calibrate(model, data.loader("calibration", 100, limit=200), progress=False)
+    assert not any(t.endswith(":normalized") for t in table)
+    out = export_caffe(model, table, tmp_path / "caffe", example_input=x, fold_batchnorm=True)
+    text = out.prototxt.read_text()
+    assert '"BatchNorm"' not in text and '"Scale"' not in text
+    result = compile_caffe(out.prototxt, out.caffemodel, out.calib_json, informat="nchw", weights=weights,
+                           timeout=TIMEOUT)
+    assert result.ok, result.log[-2000:]
+    with int8_simulation(model, table, mode="nvdla", weights=weights, placement="nvdla", example=x) as sim:
+        requant = sim.requantization()
+    ours = [("eltwise" if r.kind == "eltwise" else "conv", r.m, r.t) for r in requant if r.kind in ("conv", "fc", "eltwise")]
+    assert _ops(result) == ours and len(ours) == 29
+    assert [(b.q16, b.shift) for b in result.biases] == _sim_biases(requant) and len(result.biases) == 698
 
 
 def test_cli_export_caffe_compiles_what_it_published(tmp_path, capsys, monkeypatch):

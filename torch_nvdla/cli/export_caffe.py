@@ -48,6 +48,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output-dir", default="caffe_export",
                    help="folder for deploy.prototxt, model.caffemodel and calib.json (default caffe_export; "
                         "use lower case: the compiler lowercases the --calibtable path)")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="fold each BatchNorm into the convolution before it (no BatchNorm/Scale layers; a plain "
+                        "calibration then has every range)")
     p.add_argument("--no-verify", action="store_true", help="skip re-reading the files and comparing them with PyTorch")
     p.add_argument("--json", action="store_true", help="print what was written as JSON on stdout")
 
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             example = data.calibration[0][:1].to(next(model.parameters()).dtype)
     # One conversion (verified unless --no-verify): its selection drives the calibration.
     conversion = convert_to_caffe(model, args.input_shape, example_input=example, names=args.preset,
-                                  overrides=overrides, net_name=args.net_name, verify=not args.no_verify)
+                                  overrides=overrides, net_name=args.net_name, verify=not args.no_verify,
+                                  fold_batchnorm=args.fold_batchnorm)
     if args.table is not None:
         table = CalibrationTable.load(args.table)
     else:

@@ -33,6 +33,7 @@ from ..calib.taps import BN_NORMALIZED, TapSelection
 from ..errors import TorchNvdlaError
 from ..model.state import eval_mode
 from ..nvdla.naming import PAD_SHORTCUT
+from ..nvdla.weights import fold_batchnorm
 
 __all__ = [
     "CaffeConversion",
@@ -242,11 +243,13 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 class _Converter:
     """Turns a traced graph into :class:`_Layer` objects."""
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, tracer: _TapTracer, values: dict[fx.Node, Any]) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, tracer: _TapTracer, values: dict[fx.Node, Any],
+                 fold_batchnorm: bool = False) -> None:
         self.model = model
         self.gm = gm
         self.tracer = tracer
         self.values = values
+        self.fold_batchnorm = fold_batchnorm
         self.modules = dict(gm.named_modules())
         self.layers: list[_Layer] = []
         self.val: dict[fx.Node, _Val] = {}
@@ -349,6 +352,8 @@ class _Converter:
         args = node.args
         shape = self.shape(node)
         common = dict(source=f"{path} ({type(mod).__name__})", base=tap, own_tap=tap, shape=shape)
+        if node in self.val:
+            return  # a BatchNorm folded into the convolution before it
         if isinstance(mod, nn.Conv2d):
             self.conv(node, mod, where, common)
         elif isinstance(mod, nn.Linear):
@@ -506,8 +511,32 @@ class _Converter:
         if dilation[0] != 1:
             p.add("dilation", dilation[0])
         blobs = [_f32(mod.weight)] + ([_f32(mod.bias)] if mod.bias is not None else [])
-        self.emit(node, "Convolution", [self.tensor(node.args[0], where)], Message({"convolution_param": p}), blobs,
-                  kind="conv", module=str(node.target), **common)
+        x, path, out_node = self.tensor(node.args[0], where), str(node.target), node
+        bn_node = self._foldable_batchnorm(node) if self.fold_batchnorm else None
+        if bn_node is not None:  # written as one convolution whose output is the BatchNorm's
+            bn = self.modules[bn_node.target]
+            weight, bias = fold_batchnorm(mod.weight.detach(), None if mod.bias is None else mod.bias.detach(),
+                                          bn.running_mean, bn.running_var, bn.eps,
+                                          None if bn.weight is None else bn.weight.detach(),
+                                          None if bn.bias is None else bn.bias.detach())
+            if mod.bias is None:
+                p.remove("bias_term")
+            blobs = [_f32(weight), _f32(bias)]
+            bn_tap = self.tracer.call_tap.get(bn_node, str(bn_node.target))
+            common = dict(common, own_tap=bn_tap, source=f"{common['source']} + {bn_node.target} (BatchNorm folded)")
+            out_node = bn_node
+        self.emit(out_node, "Convolution", [x], Message({"convolution_param": p}), blobs, kind="conv", module=path,
+                  **common)
+
+    def _foldable_batchnorm(self, node: fx.Node) -> fx.Node | None:
+        """The BatchNorm (with running statistics) that is the convolution's only reader."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
+            return None
+        bn = self.modules.get(users[0].target)
+        ok = isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None \
+            and bn.running_var is not None
+        return users[0] if ok else None
 
     def batch_norm(self, node: fx.Node, mod: nn.modules.batchnorm._BatchNorm, where: str, common: dict, path: str) -> None:
         if mod.running_mean is None or mod.running_var is None:
@@ -946,6 +975,7 @@ def convert_to_caffe(
     net_name: str | None = None,
     verify: bool = True,
     rtol: float = RTOL,
+    fold_batchnorm: bool = False,
 ) -> CaffeConversion:
     """Convert ``model`` to Caffe layers (in memory) and verify them against PyTorch.
 
@@ -961,6 +991,11 @@ def convert_to_caffe(
         verify: rebuild the written net with :func:`~torch_nvdla.caffe.importer.import_caffe`
             and compare every layer with PyTorch (recommended).
         rtol: verification tolerance relative to each tensor's largest magnitude.
+        fold_batchnorm: write a BatchNorm that is a convolution's only reader into the
+            convolution's weights and bias (:func:`~torch_nvdla.nvdla.weights.fold_batchnorm`,
+            what the compiler's fast-math profile does itself): no ``BatchNorm`` / ``Scale``
+            layers, so no ``<bn>:normalized`` taps are needed (a default calibration has
+            every range), and the basic profile has no near-zero Scale values to drop.
 
     Returns:
         A :class:`CaffeConversion`.
@@ -982,7 +1017,7 @@ def convert_to_caffe(
             raise CaffeExportError(f"{type(model).__name__} does not run on an input of shape {tuple(x.shape)}: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     _check_trace(traced_out, ref_out, type(model).__name__)
-    conv = _Converter(model, gm, tracer, rec.values)
+    conv = _Converter(model, gm, tracer, rec.values, fold_batchnorm=fold_batchnorm)
     conv.run()
     preset, preset_map, preset_order = _preset_names(model, names)
 
@@ -1150,14 +1185,16 @@ def _verify(conv: CaffeConversion, layers: list[_Layer], values: Mapping[fx.Node
 
 
 def caffe_tap_selection(model: nn.Module, input_shape: Sequence[int] | None = None, *,
-                        example_input: torch.Tensor | None = None, names: str = "auto") -> TapSelection:
+                        example_input: torch.Tensor | None = None, names: str = "auto",
+                        fold_batchnorm: bool = False) -> TapSelection:
     """The taps a calibration must observe so :func:`export_caffe` finds every layer's range.
 
     The BatchNorm halves (``<bn>:normalized``) and the inputs of modules fed by a
     functional op (a residual sum read as ``<relu>#k:input``). Pass it as
     ``calibrate(model, loader, taps=...)``.
     """
-    return convert_to_caffe(model, input_shape, example_input=example_input, names=names, verify=False).selection
+    return convert_to_caffe(model, input_shape, example_input=example_input, names=names, verify=False,
+                            fold_batchnorm=fold_batchnorm).selection
 
 
 @dataclass(frozen=True)
@@ -1222,6 +1259,7 @@ def export_caffe(
     verify: bool = True,
     rtol: float = RTOL,
     target: str = "nv_full",
+    fold_batchnorm: bool = False,
     conversion: "CaffeConversion | None" = None,
 ) -> CaffeExport:
     """Write ``deploy.prototxt``, ``model.caffemodel`` and ``calib.json`` for the NVDLA compiler.
@@ -1246,6 +1284,9 @@ def export_caffe(
         target: the compiler's ``--configtarget``; layers it cannot run are refused
             (:func:`~torch_nvdla.nvdla.rules.hardware_issues`: a pooling kernel above 8,
             LUT activations, PROD / MAX sums, ...).
+        fold_batchnorm: fold each BatchNorm into the convolution before it (see
+            :func:`convert_to_caffe`); a default ``calibrate(model, loader)`` table then
+            has every range the export needs.
         conversion: a :func:`convert_to_caffe` of this model already made (e.g. for
             ``conversion.selection`` before calibrating): written as it is, not converted
             again (the naming and verification options are then its own).
@@ -1263,7 +1304,8 @@ def export_caffe(
 
     if conversion is None:
         conversion = convert_to_caffe(model, input_shape, example_input=example_input, names=names,
-                                      overrides=overrides, net_name=net_name, verify=verify, rtol=rtol)
+                                      overrides=overrides, net_name=net_name, verify=verify, rtol=rtol,
+                                      fold_batchnorm=fold_batchnorm)
     from ..nvdla.rules import hardware_issues
 
     blocking = [i for i in hardware_issues(conversion.net, target) if i.level == "error"]
