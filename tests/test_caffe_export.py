@@ -147,6 +147,22 @@ def test_weight_banks_hand_counted():
     assert conv_buffer_banks((96, 10, 10), (8, 96, 1, 1), "nv_full")[0] == 1
 
 
+def test_deconvolution_limits_are_refused_before_writing(tmp_path):
+    """Padding (the compiler's Deconvolution takes none), output_padding and a bilinear
+    Upsample have no NVDLA Caffe form: refused, naming the module, nothing written."""
+    cases = [
+        (nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1), "Deconvolution needs group 1 and no padding"),
+        (nn.ConvTranspose2d(3, 4, 2, stride=2, output_padding=1), "output_padding"),
+        (nn.Upsample(scale_factor=2, mode="bilinear"), "only nearest upsampling"),
+    ]
+    for i, (layer, message) in enumerate(cases):
+        model = nn.Sequential(nn.Conv2d(3, 3, 1), layer).eval()
+        table = calibrate(model, [torch.randn(2, 3, 8, 8)], progress=False)
+        with pytest.raises(CaffeExportError, match=message):
+            export_caffe(model, table, tmp_path / str(i), input_shape=(1, 3, 8, 8))
+        assert not (tmp_path / str(i) / "deploy.prototxt").exists()
+
+
 def test_import_errors_name_the_layer(tmp_path):
     bad = 'name: "n"\ninput: "data"\ninput_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n' \
           'layer { name: "norm1" type: "LRN" bottom: "data" top: "norm1" }\n'

@@ -324,3 +324,23 @@ def test_relu6_exports_as_a_capped_relu_the_compiler_and_simulation_agree_on(tmp
     assert _compiler_layers(result) == _sim_layers(requant)
     ref = model(x)
     assert (q.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_deconvolution_and_nearest_upsampling_export_and_compile(tmp_path):
+    """ConvTranspose2d -> Deconvolution; nearest Upsample -> a fixed identity Deconvolution
+    (exact: the read-back verification compares every layer); the compiler accepts both."""
+    from torch import nn
+
+    from torch_nvdla import calibrate
+    from torch_nvdla.export.caffe import export_caffe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, stride=2),
+                          nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(8, 3, 16, 16)
+    table = calibrate(model, [x], progress=False)
+    ex = export_caffe(model, table, tmp_path / "caffe", input_shape=(1, 3, 16, 16))
+    assert ex.prototxt.read_text().count('type: "Deconvolution"') == 2
+    assert ex.conversion.max_abs_diff <= 1e-4 * ex.conversion.output_max_abs
+    result = compile_caffe(ex.prototxt, ex.caffemodel, ex.calib_json, informat="nchw", timeout=TIMEOUT)
+    assert result.ok, result.log[-1500:]

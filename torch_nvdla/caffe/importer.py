@@ -338,10 +338,12 @@ def _fit(array: np.ndarray, shape: tuple[int, ...], where: str, what: str) -> to
 # ---------------------------------------------------------------------------------------
 
 
-def _build_convolution(layer: CaffeLayer, shapes: list[tuple[int, ...]], where: str, with_blobs: bool):
+def _build_convolution(layer: CaffeLayer, shapes: list[tuple[int, ...]], where: str, with_blobs: bool,
+                       transposed: bool = False):
     p = layer.type_params
+    what = "deconvolution" if transposed else "convolution"
     if len(shapes[0]) != 4:
-        raise CaffeImportError(f"{where}: only 2-D convolution (4-D NCHW bottom) is supported, bottom is {shapes[0]}")
+        raise CaffeImportError(f"{where}: only 2-D {what} (4-D NCHW bottom) is supported, bottom is {shapes[0]}")
     if int(p.get("axis", 1)) != 1:
         raise CaffeImportError(f"{where}: convolution_param.axis must be 1")
     if "num_output" not in p:
@@ -361,13 +363,21 @@ def _build_convolution(layer: CaffeLayer, shapes: list[tuple[int, ...]], where: 
     channels = shapes[0][1]
     if channels % group or num_output % group:
         raise CaffeImportError(f"{where}: group {group} does not divide {channels} input / {num_output} output channels")
-    conv = nn.Conv2d(channels, num_output, kernel, stride, pad, dilation, group, bias)
+    if transposed:  # Caffe's Deconvolution blob is (C_in, C_out / group, kh, kw), as PyTorch's
+        conv = nn.ConvTranspose2d(channels, num_output, kernel, stride, pad, groups=group, bias=bias,
+                                  dilation=dilation)
+    else:
+        conv = nn.Conv2d(channels, num_output, kernel, stride, pad, dilation, group, bias)
     if with_blobs:
         with torch.no_grad():
             conv.weight.copy_(_fit(_blob(layer, 0, where, "weight"), tuple(conv.weight.shape), where, "weight"))
             if bias:
                 conv.bias.copy_(_fit(_blob(layer, 1, where, "bias"), (num_output,), where, "bias"))
     return conv, None
+
+
+def _build_deconvolution(layer: CaffeLayer, shapes: list[tuple[int, ...]], where: str, with_blobs: bool):
+    return _build_convolution(layer, shapes, where, with_blobs, transposed=True)
 
 
 def _build_inner_product(layer: CaffeLayer, shapes: list[tuple[int, ...]], where: str, with_blobs: bool):
@@ -540,6 +550,7 @@ def _build_dropout(layer: CaffeLayer, shapes, where, with_blobs):
 
 _BUILDERS = {
     "Convolution": _build_convolution,
+    "Deconvolution": _build_deconvolution,
     "InnerProduct": _build_inner_product,
     "Pooling": _build_pooling,
     "BatchNorm": _build_batch_norm,
@@ -685,7 +696,7 @@ def _build_layer(layer: CaffeLayer, values: dict[str, torch.Tensor], layer_blobs
             raise CaffeImportError(f"{where}: needs bottoms")
     elif n_bottoms != 1:
         raise CaffeImportError(f"{where}: {n_bottoms} bottoms; the layer takes 1")
-    needs = layer.type in ("Convolution", "InnerProduct", "BatchNorm", "Scale")
+    needs = layer.type in ("Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "Scale")
     if needs and with_any and not layer_blobs:
         raise CaffeImportError(f"{where}: the caffemodel has no blobs for this layer")
     shapes = [tuple(values[b].shape) for b in layer.bottoms]

@@ -376,6 +376,10 @@ class _Converter:
                       **common)
         elif isinstance(mod, nn.ReLU6):
             self.relu6(node, args[0], where, common)
+        elif isinstance(mod, nn.ConvTranspose2d):
+            self.deconv(node, mod, where, common)
+        elif isinstance(mod, nn.Upsample):
+            self.upsample(node, mod, where, common)
         elif isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             self.pooling(node, mod, where, common)
         elif isinstance(mod, nn.Softmax):
@@ -395,9 +399,9 @@ class _Converter:
             self.pad_shortcut(node, mod, where, common, path)
         else:
             raise CaffeExportError(
-                f"{where} has no NVDLA Caffe equivalent (supported: Conv2d, Linear, BatchNorm1d/2d, ReLU, "
-                "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Softmax, Flatten, Identity, Dropout, residual add, "
-                "cat, PadShortcut); nothing was written"
+                f"{where} has no NVDLA Caffe equivalent (supported: Conv2d, ConvTranspose2d, Linear, "
+                "BatchNorm1d/2d, ReLU, ReLU6, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, nearest Upsample, Softmax, "
+                "Flatten, Identity, Dropout, residual add, cat, PadShortcut); nothing was written"
             )
 
     def call_function(self, node: fx.Node) -> None:
@@ -527,6 +531,52 @@ class _Converter:
             out_node = bn_node
         self.emit(out_node, "Convolution", [x], Message({"convolution_param": p}), blobs, kind="conv", module=path,
                   **common)
+
+    def deconv(self, node: fx.Node, mod: nn.ConvTranspose2d, where: str, common: dict) -> None:
+        kernel, stride, pad = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding)
+        if any(_pair(mod.output_padding)) or _pair(mod.dilation) != (1, 1) or mod.padding_mode != "zeros":
+            raise CaffeExportError(f"{where}: output_padding, dilation and non-zero padding modes have no Caffe "
+                                   "Deconvolution equivalent")
+        p = Message()
+        p.add("num_output", mod.out_channels)
+        if mod.bias is None:
+            p.add("bias_term", False)
+        _spatial(p, "pad", pad, 0)
+        if kernel[0] == kernel[1]:
+            p.add("kernel_size", kernel[0])
+        else:
+            p.add("kernel_h", kernel[0]).add("kernel_w", kernel[1])
+        _spatial(p, "stride", stride, 1)
+        if mod.groups != 1:
+            p.add("group", mod.groups)
+        blobs = [_f32(mod.weight)] + ([_f32(mod.bias)] if mod.bias is not None else [])
+        self.emit(node, "Deconvolution", [self.tensor(node.args[0], where)], Message({"convolution_param": p}),
+                  blobs, kind="conv", module=str(node.target), **common)
+
+    def upsample(self, node: fx.Node, mod: nn.Upsample, where: str, common: dict) -> None:
+        """Nearest upsampling by an integer factor ``s`` as a fixed Deconvolution: kernel and
+        stride ``s``, weight 1 from channel ``c`` to channel ``c`` (group 1: the compiler
+        takes no grouped Deconvolution), no bias -- each output pixel is one input pixel."""
+        in_shape, out_shape = self.shape(node.args[0]), common["shape"]
+        if mod.mode != "nearest" or len(in_shape) != 4 or any(o % i for o, i in zip(out_shape[2:], in_shape[2:])):
+            raise CaffeExportError(f"{where}: only nearest upsampling by an integer factor has an NVDLA Caffe "
+                                   f"equivalent (mode {mod.mode!r}, {tuple(in_shape[2:])} -> {tuple(out_shape[2:])})")
+        sh, sw = (o // i for o, i in zip(out_shape[2:], in_shape[2:]))
+        c = in_shape[1]
+        weight = np.zeros((c, c, sh, sw), dtype=np.float32)
+        weight[np.arange(c), np.arange(c)] = 1.0
+        p = Message()
+        p.add("num_output", c).add("bias_term", False)
+        if sh == sw:
+            p.add("kernel_size", sh)
+        else:
+            p.add("kernel_h", sh).add("kernel_w", sw)
+        _spatial(p, "stride", (sh, sw), 1)
+        self.emit(node, "Deconvolution", [self.tensor(node.args[0], where)], Message({"convolution_param": p}),
+                  [weight], kind="conv", module=str(node.target),
+                  note=f"nearest upsampling x{sh}x{sw} as a fixed identity Deconvolution", **common)
+        self.notes.append(f"{common['source']}: nearest upsampling written as a fixed identity Deconvolution "
+                          f"(kernel = stride = {sh}x{sw})")
 
     def _foldable_batchnorm(self, node: fx.Node) -> fx.Node | None:
         """The BatchNorm (with running statistics) that is the convolution's only reader."""
