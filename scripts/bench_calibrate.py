@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -52,7 +53,8 @@ from torch_nvdla import calibrate  # noqa: E402
 
 __all__ = ["main"]
 
-MODELS = ("cifar-resnet20", "resnet18", "resnet50")
+MODELS = ("caffe-lenet", "cifar-resnet20", "cifar-resnet56", "resnet18", "resnet50", "mobilenet_v2")
+DEFAULT_MODELS = ("cifar-resnet20", "resnet18", "resnet50")
 TIME_TARGET = {"cpu": 1.5, "cuda": 1.2}
 MEMORY_TARGET = 1.1
 
@@ -103,6 +105,7 @@ class Result:
     calibrate_added_mib: float | None = None
     memory_target: float = MEMORY_TARGET
     taps: int = 0
+    peers: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -119,28 +122,29 @@ def _random_images(n: int, batch_size: int, size: int, seed: int = 0) -> list[to
     return out
 
 
-def _cifar_batches(n: int, batch_size: int) -> tuple[nn.Module, list[torch.Tensor], str] | None:
-    """ResNet-20 and real CIFAR-10 calibration images, or None when unavailable."""
+def _zoo_batches(name: str, n: int, batch_size: int) -> tuple[nn.Module, list[torch.Tensor], str] | None:
+    """A zoo model and real calibration images of its data set, or None when unavailable."""
     try:
-        from torch_nvdla.zoo.registry import get_dataset, get_model
+        from torch_nvdla.zoo.registry import default_dataset_for, get_dataset, get_model
 
-        model = get_model("cifar-resnet20")
-        loader = get_dataset("cifar10").loader("calibration", batch_size, limit=n)
-        return model, [x for x, _ in loader], "CIFAR-10 test JPEGs (calibration split)"
-    except Exception as e:  # zoo not there yet, or no shared data: say why and go on
-        print(f"cifar-resnet20 skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        model = get_model(name)
+        data = get_dataset(default_dataset_for(name))
+        loader = data.loader("calibration", batch_size, limit=n)
+        return model, [x for x, _ in loader], f"{data.name} (calibration split)"
+    except Exception as e:  # no shared data: say why and go on
+        print(f"{name} skipped: {type(e).__name__}: {e}", file=sys.stderr)
         return None
 
 
 def load_workload(name: str, n: int, batch_size: int, device: torch.device) -> Workload | None:
     """Build model ``name`` with ``n`` images in batches of ``batch_size``; None if unavailable."""
     torch.manual_seed(0)
-    if name == "cifar-resnet20":
-        got = _cifar_batches(n, batch_size)
+    if name in ("caffe-lenet", "cifar-resnet20", "cifar-resnet56"):
+        got = _zoo_batches(name, n, batch_size)
         if got is None:
             return None
         model, batches, source = got
-    elif name in ("resnet18", "resnet50"):
+    elif name in ("resnet18", "resnet50", "mobilenet_v2"):
         import torchvision
 
         model = getattr(torchvision.models, name)(weights=None)
@@ -271,6 +275,64 @@ def memory_cuda(w: Workload, batch: int, device: torch.device) -> dict[str, dict
     return out
 
 
+def _leaf_pass(model: nn.Module, batches: Sequence[torch.Tensor], make: Callable[[], object],
+               update: Callable[[object, torch.Tensor], None]) -> int:
+    """A forward over ``batches`` streaming every leaf module's output into its own observer."""
+    observers: dict[int, object] = {}
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            if id(module) not in observers:
+                observers[id(module)] = make()
+            update(observers[id(module)], out.detach())
+
+    handles = [m.register_forward_hook(hook) for _, m in model.named_modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(observers)
+
+
+def _own_collection(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """torch_nvdla's collection alone (no range search), for a like-with-like comparison."""
+    from torch_nvdla import calibration_mode
+
+    with calibration_mode(model, progress=False), torch.no_grad():
+        for x in batches:
+            model(x)
+
+
+def peer_passes(w: Workload, repeats: int, device: torch.device) -> dict[str, float]:
+    """Seconds of histogram *collection* over the same images and leaf outputs: torch_nvdla,
+    nvidia-modelopt's ``HistogramCalibrator.collect`` and torch.ao's ``HistogramObserver``
+    (each where installed), best of ``repeats``; range searches are not included."""
+    passes: dict[str, Callable[[], object]] = {
+        "forward": lambda: forward_pass(w.model, w.batches),
+        "torch_nvdla": lambda: _own_collection(w.model, w.batches),
+    }
+    try:
+        from modelopt.torch.quantization.calib import HistogramCalibrator
+
+        passes["modelopt"] = lambda: _leaf_pass(w.model, w.batches, lambda: HistogramCalibrator(8, None, False),
+                                                lambda o, x: o.collect(x))
+    except Exception as e:  # not installed (pip install nvidia-modelopt requests huggingface_hub)
+        print(f"modelopt not measured: {type(e).__name__}: {e}", file=sys.stderr)
+    from torch.ao.quantization.observer import HistogramObserver
+
+    passes["torch.ao"] = lambda: _leaf_pass(w.model, w.batches, HistogramObserver, lambda o, x: o(x))
+    best: dict[str, float] = {}
+    for fn in passes.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in passes.items():
+            best[name] = min(best.get(name, math.inf), _timed(fn, device)[0])
+    return best
+
+
 def profile_calibrate(w: Workload, batches: int, limit: int = 25) -> str:
     """Operator-level profile of a calibrate pass: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -314,6 +376,16 @@ def print_results(results: list[Result]) -> None:
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console = Console(width=170)
     console.print(t)
+    if any(r.peers for r in results):
+        names = [k for k in ("torch_nvdla", "modelopt", "torch.ao") if any(k in r.peers for r in results)]
+        p = Table(title="histogram collection alone (same images, every leaf output), x the plain forward")
+        for col in ("model", "forward s", *names):
+            p.add_column(col, justify="left" if col == "model" else "right")
+        for r in results:
+            if r.peers:
+                f = r.peers["forward"]
+                p.add_row(r.model, f"{f:.2f}", *[f"{r.peers[k] / f:.2f}x" if k in r.peers else "-" for k in names])
+        console.print(p)
     for r in results:
         for note in r.notes:
             console.print(f"[dim]{r.model}: {note}[/]")
@@ -324,8 +396,10 @@ def print_results(results: list[Result]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, metavar="MODEL",
-                   help=f"models to run (default: all of {', '.join(MODELS)})")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS, metavar="MODEL",
+                   help=f"models to run, of {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)})")
+    p.add_argument("--peers", action="store_true",
+                   help="also time histogram collection alone: torch_nvdla, modelopt, torch.ao (same taps)")
     p.add_argument("--num-images", type=int, default=500, help="images per timed pass (default 500)")
     p.add_argument("--batch-size", type=int, default=50, help="batch size of the timed passes (default 50)")
     p.add_argument("--memory-batch", type=int, default=64, help="batch size of the memory passes (default 64)")
@@ -377,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.forward_added_mib = mem["forward"]["added_mib"]
             r.calibrate_added_mib = mem["calibrate"]["added_mib"]
             r.memory_ratio = r.calibrate_peak_mib / r.forward_peak_mib
+        if args.peers:
+            print(f"{name}: peers (collection only)...", file=sys.stderr)
+            r.peers = peer_passes(w, args.repeats, device)
         if args.profile:
             print(profile_calibrate(w, min(2, len(w.batches))), file=sys.stderr)
         results.append(r)
