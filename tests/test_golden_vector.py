@@ -80,10 +80,9 @@ def test_simulation_reproduces_the_compiler_multipliers(lenet):
                 continue
             s_in, s_out, m, t = GOLDEN_MT[layer.name]
             assert (layer.input_taps, layer.output_tap) == ((s_in,), s_out), layer.name
-            # the multiplier and shift the simulation's converter actually applies (a private
-            # attribute: the plan has no public per-layer requantization field yet)
-            runtime = sim._runtimes[i]
-            assert (runtime.m, runtime.t) == (m, t), layer.name
+            # the multiplier and shift the simulation's converter actually applies
+            applied = {r.layer: (r.m, r.t) for r in sim.requantization()}
+            assert applied[layer.name] == (m, t), layer.name
             # ... which is multiplier_shift of the compiler's float32 ratio (S_in / S_out) * Sw
             sw = float(np.float32(getattr(lenet, layer.name).weight.detach().abs().max().item()) / np.float32(127))
             r = rescale_ratio(table[s_in].scale, sw, table[s_out].scale, float32=True)

@@ -376,7 +376,7 @@ def test_golden_vector_multipliers_on_caffe_lenet(shared_data):
     table = table_of({k: v * 127 for k, v in scales.items()})
     x = torch.rand(2, 1, 28, 28)
     with int8_simulation(model, table, mode="nvdla", weights="per-kernel", example=x) as sim:
-        got = {rt.layer.name: (rt.m, rt.t) for rt in sim._runtimes.values() if hasattr(rt, "m")}
+        got = {r.layer: (r.m, r.t) for r in sim.requantization()}
         fused = sim.plan.layer("ip1")
     assert got == {"conv1": (21272, 25), "conv2": (32065, 25), "ip1": (32583, 25), "ip2": (17596, 24)}
     assert fused.taps == ("ip1", "relu1") and fused.output_tap == "relu1"

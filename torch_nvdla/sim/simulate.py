@@ -6,6 +6,7 @@ Design notes and the facts behind them: ``docs/sim.md``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -1215,102 +1216,98 @@ class _Replay:
     out: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
 
-class Simulation:
-    """A model under INT8 simulation (what :func:`int8_simulation` yields).
+class _Engine:
+    """How a simulation changes the model's computation: one per placement family, chosen
+    once. :class:`Simulation` discovers the graph, plans and names the calls; the engine
+    installs itself on the model (:meth:`install`) and takes itself off (:meth:`remove`)."""
 
-    Attributes:
-        model: the model.
-        table: the calibration table.
-        config: the :class:`SimulationConfig`.
-    """
+    def __init__(self, sim: "Simulation") -> None:
+        self.sim = sim
 
-    def __init__(self, model: nn.Module, table, config: SimulationConfig, layers: Iterable[str] | None = None) -> None:
-        self.model = model
-        self.table = table
-        self.config = config
-        self._requested_layers = None if layers is None else tuple(layers)
-        self._plan: SimulationPlan | None = None
-        self._enabled: frozenset[int] = frozenset()
-        self._runtimes: dict[int, _Runtime] = {}
-        self._handles: list = []
-        self._forwards: list[tuple[nn.Module, bool, Any]] = []
-        self._params: list[tuple[nn.Parameter, torch.Tensor]] = []
-        self._sites: CallSites | None = None
-        self._current: dict[int, list[str]] = {}  # id(module) -> taps of its running calls
-        self._index: dict[str, int] = {}
-        self._busy = False
-        self._replay: _Replay | None = None
-        self._modules: dict[str, nn.Module] = {}
-        self._fq_taps: dict[str, float] = {}
-        self._missing: list[tuple[str, str]] = []
-        self._call_kind: dict[str, str] = {}
-        self._input_fq: dict[str, float] = {}
+    def install(self, plan: SimulationPlan, missing: list[tuple[str, str]]) -> SimulationPlan:
+        raise NotImplementedError
 
-    # -- public ------------------------------------------------------------------------
-    def requantization(self) -> tuple[LayerRequant, ...]:
-        """What the NVDLA integer simulation programs per layer, as the compiler prints it:
-        each rescaling layer's multiplier ``m`` (a tuple per filter in per-filter mode)
-        and shift ``t``, and a conv / fc's bias as int16 values with their left shift.
+    def remove(self) -> None:
+        raise NotImplementedError
 
-        Raises:
-            CalibrationError: not in ``mode="nvdla"``, or no plan yet (no example given
-                and no forward run).
-        """
-        if self.config.mode != "nvdla":
-            raise CalibrationError("requantization() needs mode='nvdla'")
-        if self._plan is None:
-            raise CalibrationError("no plan yet: pass example= or run one forward first")
-        out = []
-        for i, rt in sorted(self._runtimes.items()):
-            m = getattr(rt, "m", None)
-            if m is None:
-                continue
-            layer = self._plan.layers[i]
-            m = tuple(int(v) for v in m.tolist()) if isinstance(m, torch.Tensor) else int(m)
-            sw = getattr(rt, "sw", 1.0)
-            sw = tuple(float(v) for v in sw.reshape(-1).tolist()) if isinstance(sw, torch.Tensor) and sw.dim() else float(sw)
-            s_in = float(getattr(rt, "s_common", rt.s_in[0] if rt.s_in else 0.0))
-            out.append(LayerRequant(layer.name, layer.kind, m, int(rt.t), getattr(rt, "bias16", None), s_in,
-                                    float(rt.s_out), sw))
-        return tuple(out)
-
-    @property
-    def plan(self) -> SimulationPlan | None:
-        """The plan (``None`` until the first forward when no example was given)."""
-        return self._plan
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """Names of the layers currently simulated in INT8 (placement ``"nvdla"``)."""
-        if self._plan is None:
-            return ()
-        return tuple(self._plan.layers[i].name for i in sorted(self._enabled))
-
-    @property
-    def missing(self) -> tuple[tuple[str, str], ...]:
-        """``(where, tap)`` pairs the table lacks (run in FP32 with ``missing="fp32"``)."""
-        return tuple(self._missing)
+    def model_input(self, args: tuple, kwargs: dict):
+        """A root forward-pre-hook result for the model input (None: unchanged)."""
+        return None
 
     def set_layers(self, layers: Iterable[str] | None) -> None:
-        """Choose which layers run INT8 (``None``: all); the others run FP32.
+        raise CalibrationError("choosing layers needs placement='nvdla' (the fused NVDLA graph)")
 
-        Only for placement ``"nvdla"``. Layer names are :attr:`Layer.name` (head taps).
+    def replaying(self, base: dict | None, dirty: frozenset[int] | None):
+        raise CalibrationError("replay needs placement='nvdla'")
 
-        Raises:
-            CalibrationError: another placement, or an unknown layer name.
-        """
-        if self.config.placement != "nvdla":
-            raise CalibrationError("choosing layers needs placement='nvdla' (the fused NVDLA graph)")
+    @property
+    def enabled_layers(self) -> tuple[str, ...]:
+        return ()
+
+    def runtimes(self) -> Mapping[int, _Runtime]:
+        return {}
+
+
+class _GraphEngine(_Engine):
+    """Placement ``"nvdla"``: every leaf call's ``forward`` is replaced; a fused NVDLA layer
+    runs its :class:`_Runtime` at its head call and passes its other calls through."""
+
+    def __init__(self, sim: "Simulation") -> None:
+        super().__init__(sim)
+        self._runtimes: dict[int, _Runtime] = {}
+        self._enabled: frozenset[int] = frozenset()
+        self._forwards: list[tuple[nn.Module, bool, Any]] = []
+        self._replay: _Replay | None = None
+        self._plan: SimulationPlan | None = None
+
+    def runtimes(self) -> Mapping[int, _Runtime]:
+        return self._runtimes
+
+    def install(self, plan: SimulationPlan, missing: list[tuple[str, str]]) -> SimulationPlan:
+        sim = self.sim
+        lacking = {layer for layer, _ in missing}
+        fp32_layers: list[str] = []
+        for i, layer in enumerate(plan.layers):
+            if layer.name in lacking:
+                fp32_layers.append(layer.name)
+                continue
+            self._runtimes[i] = _RUNTIMES[layer.kind](layer, plan, sim.table, sim._modules, sim.config)
+        notes = list(plan.notes) + [f"{layer.name}: {n}" for layer in plan.layers for n in layer.notes]
+        notes += [f"{plan.layers[i].name}: {n}" for i, rt in self._runtimes.items() for n in rt.notes]
+        if fp32_layers:
+            notes.append(f"{len(fp32_layers)} layer(s) run in FP32 (taps missing): {', '.join(fp32_layers[:8])}")
+        plan = dataclasses.replace(plan, missing=tuple(missing), fp32_layers=tuple(fp32_layers), notes=tuple(notes))
+        self._plan = plan
+        self._enabled = self._resolve_layers(sim._requested_layers)
+        self._update_exact()
+        for path, module in leaf_modules(sim.model):
+            had = "forward" in module.__dict__
+            self._forwards.append((module, had, module.__dict__.get("forward")))
+            module.__dict__["forward"] = self._make_forward(path, module, module.forward)
+        return plan
+
+    def remove(self) -> None:
+        while self._forwards:
+            module, had, old = self._forwards.pop()
+            if had:
+                module.__dict__["forward"] = old
+            else:
+                module.__dict__.pop("forward", None)
+        self._replay = None
+
+    @property
+    def enabled_layers(self) -> tuple[str, ...]:
+        return tuple(self._plan.layers[i].name for i in sorted(self._enabled)) if self._plan is not None else ()
+
+    def set_layers(self, layers: Iterable[str] | None) -> None:
         if self._plan is None:
-            self._requested_layers = None if layers is None else tuple(layers)
+            self.sim._requested_layers = None if layers is None else tuple(layers)
             return
         self._enabled = self._resolve_layers(layers)
         self._update_exact()
 
-    # -- setup -----------------------------------------------------------------------------
     def _resolve_layers(self, layers: Iterable[str] | None) -> frozenset[int]:
         plan = self._plan
-        assert plan is not None
         names = {layer.name: i for i, layer in enumerate(plan.layers)}
         if layers is None:
             chosen = set(range(len(plan.layers)))
@@ -1322,75 +1319,6 @@ class Simulation:
                                            + (" ..." if len(names) > 12 else ""))
                 chosen.add(names[name])
         return frozenset(i for i in chosen if i in self._runtimes)
-
-    def _enter(self, example: Any) -> None:
-        self._modules = dict(self.model.named_modules())
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        if example is not None:
-            args, kwargs = call_args(example)
-            self._prepare(args, kwargs)
-
-    def _exit(self) -> None:
-        if self._sites is not None:
-            self._sites.close()
-            self._sites = None
-        self._current.clear()
-        while self._handles:
-            self._handles.pop().remove()
-        while self._forwards:
-            module, had, old = self._forwards.pop()
-            if had:
-                module.__dict__["forward"] = old
-            else:
-                module.__dict__.pop("forward", None)
-        while self._params:
-            p, data = self._params.pop()
-            p.data = data
-        self._replay = None
-
-    def _prepare(self, args: tuple, kwargs: dict) -> None:
-        """Discover the graph (one forward on this batch), plan, install the simulation."""
-        self._busy = True
-        try:
-            with eval_mode(self.model):  # the discovery pass leaves no trace in the buffers
-                raw = _Discovery(self.model).run(args, kwargs)
-        finally:
-            self._busy = False
-        plan = _build_plan(raw, self.table, self.model, self.config)
-        missing = _missing_for_placement(plan, self.table, self.config.placement)
-        fp32_layers: list[str] = []
-        if missing and self.config.missing == "error":
-            _raise_missing(missing, f"{self.config.placement!r} placement")
-        self._missing = missing
-        self._index = {c.tap: c.index for c in plan.calls}
-        self._call_kind = {c.tap: c.kind for c in plan.calls}
-        # Call-site naming shared with calibration (torch_nvdla.calib.taps.CallSites); registered
-        # before the hooks / forwards below, so every call is named before it is simulated.
-        self._sites = CallSites(self.model, on_input=self._on_pass, on_call=self._on_call)
-        self._sites.__enter__()
-        if self.config.placement == "nvdla":
-            lacking = {layer for layer, _ in missing}
-            for i, layer in enumerate(plan.layers):
-                if layer.name in lacking:
-                    fp32_layers.append(layer.name)
-                    continue
-                self._runtimes[i] = _RUNTIMES[layer.kind](layer, plan, self.table, self._modules, self.config)
-            notes = list(plan.notes) + [f"{layer.name}: {n}" for i, layer in enumerate(plan.layers) for n in layer.notes]
-            notes += [f"{plan.layers[i].name}: {n}" for i, rt in self._runtimes.items() for n in rt.notes]
-            if fp32_layers:
-                notes.append(f"{len(fp32_layers)} layer(s) run in FP32 (taps missing): {', '.join(fp32_layers[:8])}")
-            plan = SimulationPlan(calls=plan.calls, layers=plan.layers, call_layer=plan.call_layer,
-                                  edge_taps=plan.edge_taps, missing=tuple(missing), fp32_layers=tuple(fp32_layers),
-                                  unused_taps=plan.unused_taps, notes=tuple(notes), fingerprint=plan.fingerprint)
-            self._plan = plan
-            self._enabled = self._resolve_layers(self._requested_layers)
-            self._update_exact()
-            self._install_forwards()
-        else:
-            if self._requested_layers is not None:
-                raise CalibrationError("choosing layers needs placement='nvdla' (the fused NVDLA graph)")
-            self._plan = plan
-            self._install_hooks()
 
     def _update_exact(self) -> None:
         """Mark the inputs that arrive already quantized at the scale they are read at."""
@@ -1411,39 +1339,15 @@ class Simulation:
                              and plan.edge_taps[p] == rt.layer.input_taps[i])
             rt.exact_in = tuple(flags)
 
-    # -- placement "nvdla": replacement forwards -------------------------------------------
-    def _install_forwards(self) -> None:
-        for path, module in leaf_modules(self.model):
-            had = "forward" in module.__dict__
-            old = module.__dict__.get("forward")
-            orig = module.forward
-            self._forwards.append((module, had, old))
-            module.__dict__["forward"] = self._make_forward(path, module, orig)
-
-    def _on_pass(self, module, args, kwargs) -> None:
-        self._current.clear()
-
-    def _on_call(self, tap: str, path: str, call: int, module: nn.Module, args) -> None:
-        if tap not in self._index:
-            raise CalibrationError(
-                f"call {tap!r} did not happen when the simulation plan was built (data-dependent control flow?)"
-            )
-        self._current.setdefault(id(module), []).append(tap)
-
-    def _tap_of(self, module: nn.Module, path: str) -> str:
-        stack = self._current.get(id(module))
-        if not stack:
-            raise CalibrationError(f"module {path!r} was run without calling it (module.forward(...) instead of "
-                                   "module(...)): the simulation cannot name the call")
-        return stack[-1]
-
     def _make_forward(self, path: str, module: nn.Module, orig: Callable):
+        sim = self.sim
+
         def forward(*args, **kwargs):
-            tap = self._tap_of(module, path)
+            tap = sim._tap_of(module, path)
             try:
-                return self._dispatch(self._index[tap], orig, args, kwargs)
+                return self._dispatch(sim._index[tap], orig, args, kwargs)
             finally:
-                self._current[id(module)].pop()
+                sim._current[id(module)].pop()
 
         return forward
 
@@ -1470,40 +1374,83 @@ class Simulation:
             return rt(args, kwargs, orig)
         return args[0]  # a fused BatchNorm / ReLU: the head already computed it
 
-    # -- placements "all" and "modelopt": hooks and weight swaps -------------------------------
-    def _install_hooks(self) -> None:
-        table, placement = self.table, self.config.placement
-        lacking = {tap for _, tap in self._missing}
+    @contextlib.contextmanager
+    def replaying(self, base: dict | None, dirty: frozenset[int] | None) -> Iterator[_Replay]:
+        rp = _Replay(base=base or {}, dirty=dirty)
+        self._replay = rp
+        try:
+            yield rp
+        finally:
+            self._replay = None
+
+
+class _TapEngine(_Engine):
+    """Placements ``"all"`` and ``"modelopt"``: forward hooks fake-quantize tap tensors
+    (every tap's output; modelopt: conv / fc inputs only) and conv / fc weights are swapped
+    for their quantized values."""
+
+    def __init__(self, sim: "Simulation", *, modelopt: bool) -> None:
+        super().__init__(sim)
+        self.modelopt = modelopt
+        self._fq_taps: dict[str, float] = {}
+        self._input_fq: dict[str, float] = {}
+        self._params: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._handles: list = []
+
+    def install(self, plan: SimulationPlan, missing: list[tuple[str, str]]) -> SimulationPlan:
+        sim, table = self.sim, self.sim.table
+        lacking = {tap for _, tap in missing}
         self._fq_taps = {t: _scale_of(table, t) for t in table if t not in lacking}
-        if placement == "modelopt":
-            for c in self._plan.calls:
+        if self.modelopt:
+            for c in plan.calls:
                 if c.kind in ("conv", "fc"):
-                    t = _modelopt_input_tap(self._plan, table, c)
+                    t = _modelopt_input_tap(plan, table, c)
                     if t is not None:
                         self._input_fq[c.tap] = _scale_of(table, t)
         seen: set[int] = set()
-        called = {c.path for c in self._plan.calls}
-        for path, module in leaf_modules(self.model):
+        called = {c.path for c in plan.calls}
+        for path, module in leaf_modules(sim.model):
             self._handles.append(module.register_forward_pre_hook(self._make_pre(path)))
             self._handles.append(module.register_forward_hook(self._make_post(path)))
             if isinstance(module, _WEIGHTED_TYPES) and id(module) not in seen and path in called:
                 seen.add(id(module))
-                w = module.weight
-                try:
-                    qw = quantize_weight(w.detach(), self.config.weights, name=path)
-                except ValueError as e:
-                    raise CalibrationError(str(e)) from None
-                view = qw.scale.reshape([-1] + [1] * (w.dim() - 1)) if qw.scale.dim() else qw.scale
-                self._params.append((w, w.data))
-                w.data = (qw.q.to(torch.float32) * view).to(w.dtype)
+                self._quantize_weight(path, module)
+        return plan
+
+    def _quantize_weight(self, path: str, module: nn.Module) -> None:
+        w = module.weight
+        try:
+            qw = quantize_weight(w.detach(), self.sim.config.weights, name=path)
+        except ValueError as e:
+            raise CalibrationError(str(e)) from None
+        view = qw.scale.reshape([-1] + [1] * (w.dim() - 1)) if qw.scale.dim() else qw.scale
+        self._params.append((w, w.data))
+        w.data = (qw.q.to(torch.float32) * view).to(w.dtype)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        while self._params:
+            p, data = self._params.pop()
+            p.data = data
+
+    def model_input(self, args: tuple, kwargs: dict):
+        s = None if self.modelopt else self._fq_taps.get("data")
+        if s is None:
+            return None
+        if args and isinstance(args[0], torch.Tensor):
+            return (_fq(args[0], s), *args[1:]), kwargs
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return args, {**kwargs, k: _fq(v, s)}
+        return None
 
     def _make_pre(self, path: str):
+        sim = self.sim
+
         def pre(module, args):
-            tap = self._tap_of(module, path)
-            if self.config.placement == "modelopt":
-                s = self._input_fq.get(tap)
-            else:
-                s = self._fq_taps.get(f"{tap}:input")
+            tap = sim._tap_of(module, path)
+            s = self._input_fq.get(tap) if self.modelopt else self._fq_taps.get(f"{tap}:input")
             if s is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
                 return None
             return (_fq(args[0], s), *args[1:])
@@ -1511,11 +1458,13 @@ class Simulation:
         return pre
 
     def _make_post(self, path: str):
+        sim = self.sim
+
         def post(module, args, output):
-            tap = self._tap_of(module, path)
-            self._current[id(module)].pop()
-            if self.config.placement == "modelopt" or self._call_kind.get(tap) in ("softmax", "opaque") or not isinstance(output, torch.Tensor) \
-                    or not output.is_floating_point():
+            tap = sim._tap_of(module, path)
+            sim._current[id(module)].pop()
+            if self.modelopt or sim._call_kind.get(tap) in ("softmax", "opaque") \
+                    or not isinstance(output, torch.Tensor) or not output.is_floating_point():
                 return None
             norm = self._fq_taps.get(f"{tap}:normalized")
             if norm is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -1530,7 +1479,156 @@ class Simulation:
 
         return post
 
-    # -- every placement ------------------------------------------------------------------------
+
+class Simulation:
+    """A model under INT8 simulation (what :func:`int8_simulation` yields).
+
+    It discovers the model's graph (one forward), plans the NVDLA layers and names every
+    call; an engine chosen once by the placement changes the computation (``"nvdla"``:
+    replaced forwards running the integer layers; ``"all"`` / ``"modelopt"``: fake-quant
+    hooks and quantized weights).
+
+    Attributes:
+        model: the model.
+        table: the calibration table.
+        config: the :class:`SimulationConfig`.
+    """
+
+    def __init__(self, model: nn.Module, table, config: SimulationConfig, layers: Iterable[str] | None = None) -> None:
+        self.model = model
+        self.table = table
+        self.config = config
+        self._requested_layers = None if layers is None else tuple(layers)
+        self._engine: _Engine = (_GraphEngine(self) if config.placement == "nvdla"
+                                 else _TapEngine(self, modelopt=config.placement == "modelopt"))
+        self._plan: SimulationPlan | None = None
+        self._handles: list = []
+        self._sites: CallSites | None = None
+        self._current: dict[int, list[str]] = {}  # id(module) -> taps of its running calls
+        self._index: dict[str, int] = {}
+        self._busy = False
+        self._modules: dict[str, nn.Module] = {}
+        self._missing: list[tuple[str, str]] = []
+        self._call_kind: dict[str, str] = {}
+
+    # -- public ------------------------------------------------------------------------
+    def requantization(self) -> tuple[LayerRequant, ...]:
+        """What the NVDLA integer simulation programs per layer, as the compiler prints it:
+        each rescaling layer's multiplier ``m`` (a tuple per filter in per-filter mode)
+        and shift ``t``, and a conv / fc's bias as int16 values with their left shift.
+
+        Raises:
+            CalibrationError: not in ``mode="nvdla"``, or no plan yet (no example given
+                and no forward run).
+        """
+        if self.config.mode != "nvdla":
+            raise CalibrationError("requantization() needs mode='nvdla'")
+        if self._plan is None:
+            raise CalibrationError("no plan yet: pass example= or run one forward first")
+        out = []
+        for i, rt in sorted(self._engine.runtimes().items()):
+            m = getattr(rt, "m", None)
+            if m is None:
+                continue
+            layer = self._plan.layers[i]
+            m = tuple(int(v) for v in m.tolist()) if isinstance(m, torch.Tensor) else int(m)
+            sw = getattr(rt, "sw", 1.0)
+            sw = tuple(float(v) for v in sw.reshape(-1).tolist()) if isinstance(sw, torch.Tensor) and sw.dim() else float(sw)
+            s_in = float(getattr(rt, "s_common", rt.s_in[0] if rt.s_in else 0.0))
+            out.append(LayerRequant(layer.name, layer.kind, m, int(rt.t), getattr(rt, "bias16", None), s_in,
+                                    float(rt.s_out), sw))
+        return tuple(out)
+
+    @property
+    def plan(self) -> SimulationPlan | None:
+        """The plan (``None`` until the first forward when no example was given)."""
+        return self._plan
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the layers currently simulated in INT8 (placement ``"nvdla"``)."""
+        return self._engine.enabled_layers
+
+    @property
+    def missing(self) -> tuple[tuple[str, str], ...]:
+        """``(where, tap)`` pairs the table lacks (run in FP32 with ``missing="fp32"``)."""
+        return tuple(self._missing)
+
+    def set_layers(self, layers: Iterable[str] | None) -> None:
+        """Choose which layers run INT8 (``None``: all); the others run FP32.
+
+        Only for placement ``"nvdla"``. Layer names are :attr:`Layer.name` (head taps).
+
+        Raises:
+            CalibrationError: another placement, or an unknown layer name.
+        """
+        self._engine.set_layers(layers)
+
+    def replaying(self, base: dict | None, dirty: frozenset[int] | None) -> contextlib.AbstractContextManager[_Replay]:
+        """Within: calls outside ``dirty`` (call indices) return their ``base`` output instead of
+        running; every call's output is recorded in the yielded object's ``out`` (what
+        :func:`~torch_nvdla.sim.sweep.sweep` uses to recompute only what a layer changes).
+        Placement ``"nvdla"`` only."""
+        return self._engine.replaying(base, dirty)
+
+    # -- setup -----------------------------------------------------------------------------
+    def _enter(self, example: Any) -> None:
+        self._modules = dict(self.model.named_modules())
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        if example is not None:
+            args, kwargs = call_args(example)
+            self._prepare(args, kwargs)
+
+    def _exit(self) -> None:
+        if self._sites is not None:
+            self._sites.close()
+            self._sites = None
+        self._current.clear()
+        while self._handles:
+            self._handles.pop().remove()
+        self._engine.remove()
+
+    def _prepare(self, args: tuple, kwargs: dict) -> None:
+        """Discover the graph (one forward on this batch), plan, install the engine."""
+        self._busy = True
+        try:
+            with eval_mode(self.model):  # the discovery pass leaves no trace in the buffers
+                raw = _Discovery(self.model).run(args, kwargs)
+        finally:
+            self._busy = False
+        plan = _build_plan(raw, self.table, self.model, self.config)
+        missing = _missing_for_placement(plan, self.table, self.config.placement)
+        if missing and self.config.missing == "error":
+            _raise_missing(missing, f"{self.config.placement!r} placement")
+        if self._requested_layers is not None and self.config.placement != "nvdla":
+            raise CalibrationError("choosing layers needs placement='nvdla' (the fused NVDLA graph)")
+        self._missing = missing
+        self._index = {c.tap: c.index for c in plan.calls}
+        self._call_kind = {c.tap: c.kind for c in plan.calls}
+        # Call-site naming shared with calibration (torch_nvdla.calib.taps.CallSites); registered
+        # before the engine's hooks / forwards, so every call is named before it is simulated.
+        self._sites = CallSites(self.model, on_input=self._on_pass, on_call=self._on_call)
+        self._sites.__enter__()
+        self._plan = self._engine.install(plan, missing)
+
+    # -- call naming (both engines) ----------------------------------------------------------
+    def _on_pass(self, module, args, kwargs) -> None:
+        self._current.clear()
+
+    def _on_call(self, tap: str, path: str, call: int, module: nn.Module, args) -> None:
+        if tap not in self._index:
+            raise CalibrationError(
+                f"call {tap!r} did not happen when the simulation plan was built (data-dependent control flow?)"
+            )
+        self._current.setdefault(id(module), []).append(tap)
+
+    def _tap_of(self, module: nn.Module, path: str) -> str:
+        stack = self._current.get(id(module))
+        if not stack:
+            raise CalibrationError(f"module {path!r} was run without calling it (module.forward(...) instead of "
+                                   "module(...)): the simulation cannot name the call")
+        return stack[-1]
+
     def _root_pre(self, module, args, kwargs):
         if self._busy:
             return None
@@ -1542,28 +1640,7 @@ class Simulation:
             )
         if self._plan is None:
             self._prepare(args, kwargs)
-        if self.config.placement == "all" and "data" in self._fq_taps:
-            s = self._fq_taps["data"]
-            if args and isinstance(args[0], torch.Tensor):
-                return (_fq(args[0], s), *args[1:]), kwargs
-            for k, v in kwargs.items():
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    return args, {**kwargs, k: _fq(v, s)}
-        return None
-
-    @contextlib.contextmanager
-    def replaying(self, base: dict | None, dirty: frozenset[int] | None) -> Iterator[_Replay]:
-        """Within: calls outside ``dirty`` (call indices) return their ``base`` output instead of
-        running; every call's output is recorded in the yielded object's ``out`` (what
-        :func:`~torch_nvdla.sim.sweep.sweep` uses to recompute only what a layer changes)."""
-        if self.config.placement != "nvdla":
-            raise CalibrationError("replay needs placement='nvdla'")
-        rp = _Replay(base=base or {}, dirty=dirty)
-        self._replay = rp
-        try:
-            yield rp
-        finally:
-            self._replay = None
+        return self._engine.model_input(args, kwargs)
 
 
 @contextlib.contextmanager
