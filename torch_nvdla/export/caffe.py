@@ -500,20 +500,7 @@ class _Converter:
         if dilation[0] != dilation[1]:
             raise CaffeExportError(f"{where}: dilation {dilation} differs between H and W; the NVDLA Caffe parser "
                                    "reads a repeated dilation as [w, h] where Caffe reads [h, w]")
-        p = Message()
-        p.add("num_output", mod.out_channels)
-        if mod.bias is None:
-            p.add("bias_term", False)
-        _spatial(p, "pad", pad, 0)
-        if kernel[0] == kernel[1]:
-            p.add("kernel_size", kernel[0])
-        else:
-            p.add("kernel_h", kernel[0]).add("kernel_w", kernel[1])
-        _spatial(p, "stride", stride, 1)
-        if mod.groups != 1:
-            p.add("group", mod.groups)
-        if dilation[0] != 1:
-            p.add("dilation", dilation[0])
+        p = _conv_param(mod.out_channels, kernel, stride, pad, mod.groups, mod.bias is not None, dilation[0])
         blobs = [_f32(mod.weight)] + ([_f32(mod.bias)] if mod.bias is not None else [])
         x, path, out_node = self.tensor(node.args[0], where), str(node.target), node
         bn_node = self._foldable_batchnorm(node) if self.fold_batchnorm else None
@@ -537,18 +524,7 @@ class _Converter:
         if any(_pair(mod.output_padding)) or _pair(mod.dilation) != (1, 1) or mod.padding_mode != "zeros":
             raise CaffeExportError(f"{where}: output_padding, dilation and non-zero padding modes have no Caffe "
                                    "Deconvolution equivalent")
-        p = Message()
-        p.add("num_output", mod.out_channels)
-        if mod.bias is None:
-            p.add("bias_term", False)
-        _spatial(p, "pad", pad, 0)
-        if kernel[0] == kernel[1]:
-            p.add("kernel_size", kernel[0])
-        else:
-            p.add("kernel_h", kernel[0]).add("kernel_w", kernel[1])
-        _spatial(p, "stride", stride, 1)
-        if mod.groups != 1:
-            p.add("group", mod.groups)
+        p = _conv_param(mod.out_channels, kernel, stride, pad, mod.groups, mod.bias is not None)
         blobs = [_f32(mod.weight)] + ([_f32(mod.bias)] if mod.bias is not None else [])
         self.emit(node, "Deconvolution", [self.tensor(node.args[0], where)], Message({"convolution_param": p}),
                   blobs, kind="conv", module=str(node.target), **common)
@@ -565,13 +541,7 @@ class _Converter:
         c = in_shape[1]
         weight = np.zeros((c, c, sh, sw), dtype=np.float32)
         weight[np.arange(c), np.arange(c)] = 1.0
-        p = Message()
-        p.add("num_output", c).add("bias_term", False)
-        if sh == sw:
-            p.add("kernel_size", sh)
-        else:
-            p.add("kernel_h", sh).add("kernel_w", sw)
-        _spatial(p, "stride", (sh, sw), 1)
+        p = _conv_param(c, (sh, sw), (sh, sw), (0, 0), 1, False)
         self.emit(node, "Deconvolution", [self.tensor(node.args[0], where)], Message({"convolution_param": p}),
                   [weight], kind="conv", module=str(node.target),
                   note=f"nearest upsampling x{sh}x{sw} as a fixed identity Deconvolution", **common)
@@ -1390,6 +1360,27 @@ def export_caffe(
     if report is not None:
         report = dataclasses.replace(report, path=final["calib"])
     return CaffeExport(final["prototxt"], final["caffemodel"], final.get("calib"), conversion, scales, report)
+
+
+def _conv_param(num_output: int, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
+                group: int, bias: bool, dilation: int = 1) -> Message:
+    """A ``convolution_param`` (Convolution and Deconvolution): non-square sizes as ``*_h`` /
+    ``*_w`` fields, defaults left out."""
+    p = Message()
+    p.add("num_output", num_output)
+    if not bias:
+        p.add("bias_term", False)
+    _spatial(p, "pad", pad, 0)
+    if kernel[0] == kernel[1]:
+        p.add("kernel_size", kernel[0])
+    else:
+        p.add("kernel_h", kernel[0]).add("kernel_w", kernel[1])
+    _spatial(p, "stride", stride, 1)
+    if group != 1:
+        p.add("group", group)
+    if dilation != 1:
+        p.add("dilation", dilation)
+    return p
 
 
 def _function_kind(target: Any, name: str) -> str | None:
