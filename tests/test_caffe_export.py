@@ -163,6 +163,35 @@ def test_deconvolution_limits_are_refused_before_writing(tmp_path):
         assert not (tmp_path / str(i) / "deploy.prototxt").exists()
 
 
+def test_default_calibration_feeds_a_folded_export_of_a_preactivation_net(tmp_path):
+    """DenseNet-style: a BatchNorm after a concat cannot fold, so a default calibration
+    observes its ``:normalized`` half (and not that of a BatchNorm after a convolution);
+    the folded Caffe export then finds every range in that one table."""
+    class PreAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.bn1, self.relu = nn.BatchNorm2d(7), nn.ReLU()
+            self.conv1 = nn.Conv2d(7, 4, 1)
+
+        def forward(self, x):
+            y = torch.cat([self.bn0(self.conv0(x)), x], 1)
+            return self.conv1(self.relu(self.bn1(y)))
+
+    torch.manual_seed(0)
+    model = PreAct().eval()
+    for bn in (model.bn0, model.bn1):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    table = calibrate(model, [torch.randn(4, 3, 8, 8)], progress=False)
+    assert "bn1:normalized" in table and "bn0:normalized" not in table
+    out = export_caffe(model, table, tmp_path / "caffe", input_shape=(1, 3, 8, 8), fold_batchnorm=True)
+    text = out.prototxt.read_text()
+    assert text.count('type: "BatchNorm"') == 1 and text.count('type: "Convolution"') == 2
+    with pytest.raises(CaffeExportError, match="no range"):  # unfolded, bn0's half is missing
+        export_caffe(model, table, tmp_path / "unfolded", input_shape=(1, 3, 8, 8))
+
+
 def test_import_errors_name_the_layer(tmp_path):
     bad = 'name: "n"\ninput: "data"\ninput_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n' \
           'layer { name: "norm1" type: "LRN" bottom: "data" top: "norm1" }\n'

@@ -147,7 +147,8 @@ class _DataDigest:
 def _selection_key(taps: TapSelection) -> str:
     outputs = taps.outputs if isinstance(taps.outputs, bool) else f"predicate {code_digest(taps.outputs)}"
     derived = [(d.name, code_digest(d.fn)) if hasattr(d, "fn") else d.name for d in taps.derived]
-    return repr((taps.model_input, outputs, taps.inputs, taps.unseen_inputs, derived, taps.reuse))
+    return repr((taps.model_input, outputs, taps.inputs, taps.unseen_inputs, taps.unfolded_batchnorms, derived,
+                 taps.reuse))
 
 
 def _cache_key(model: nn.Module, config: CalibConfig) -> dict:

@@ -83,6 +83,10 @@ class TapSelection:
             ``+``, ``torch.cat``, ``F.relu`` in ``forward``) or a tensor changed in place
             after it was observed. These are the tensors the simulation, the Caffe export
             and the ONNX Q/DQ placement read that no module output holds.
+        unfolded_batchnorms: also observe ``<bn>:normalized`` (:data:`BN_NORMALIZED`) for
+            every BatchNorm whose input is not an unchanged convolution output: it cannot
+            be folded into a convolution, so NVDLA runs it (and the Caffe export writes it)
+            as BatchNorm + Scale, whose first half needs that range.
         derived: extra derived tensors, e.g. :data:`BN_NORMALIZED`.
         reuse: derive ReLU / value-preserving taps from their producer's histogram.
     """
@@ -91,6 +95,7 @@ class TapSelection:
     outputs: bool | Callable[[str, nn.Module], bool] = True
     inputs: tuple[str, ...] = ()
     unseen_inputs: bool = True
+    unfolded_batchnorms: bool = True
     derived: tuple[DerivedTap, ...] = ()
     reuse: bool = True
 
@@ -113,6 +118,7 @@ class TapSelection:
             outputs=outputs,
             inputs=tuple(dict.fromkeys(self.inputs + other.inputs)),
             unseen_inputs=self.unseen_inputs or other.unseen_inputs,
+            unfolded_batchnorms=self.unfolded_batchnorms or other.unfolded_batchnorms,
             derived=tuple(dict.fromkeys(self.derived + other.derived)),
             reuse=self.reuse and other.reuse,
         )
@@ -348,6 +354,7 @@ class TapHooks:
         self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
         self._seen = _TensorMemo()  # tensor -> the tap that observed it in this pass
         self._made = _TensorMemo()  # tensor -> the leaf call (or the input) that made it
+        self._conv_taps: set[str] = set()  # taps of convolution calls
 
     # -- life cycle -------------------------------------------------------------------
     def __enter__(self) -> "TapHooks":
@@ -400,6 +407,10 @@ class TapHooks:
         if isinstance(x, torch.Tensor):
             self._made.remember(x, name)
 
+    def _from_conv(self, x) -> bool:
+        """``x`` is a Conv2d's output, unchanged since (a BatchNorm on it can fold)."""
+        return self._made.get(x) in self._conv_taps
+
     # -- hooks ---------------------------------------------------------------------------
     def _on_input(self, module, args, kwargs):
         self._source.clear()
@@ -438,6 +449,8 @@ class TapHooks:
         src = self._source.pop(id(module), None)
         mtype = type(module).__name__
         self._made_by(output, tap)
+        if isinstance(module, nn.Conv2d):  # (what the Caffe export folds a BatchNorm into)
+            self._conv_taps.add(tap)
         if self.selection.wants_output(path, module):
             info = TapInfo(tap, path, call, "output", mtype, 0)
             if not _observable(output):
@@ -453,7 +466,11 @@ class TapHooks:
                 self._remember(output, tap)
             else:
                 self._observe(tap, info, output)
-        for d in self.selection.derived:
+        derived = list(self.selection.derived)
+        if BN_NORMALIZED not in derived and self.selection.unfolded_batchnorms and BN_NORMALIZED.applies(module) \
+                and not self._from_conv(first_tensor(args)):
+            derived.append(BN_NORMALIZED)
+        for d in derived:
             if d.applies(module):
                 name = f"{tap}:{d.name}"
                 info = TapInfo(name, path, call, "derived", mtype, 0, derived=d.name)
