@@ -309,10 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the matrix; returns 1 when any cell is an ERROR (a bug), else 0."""
     args = _parser().parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    from torch_nvdla.utils.console import progress_iter
+
     rows = []
     with tempfile.TemporaryDirectory(prefix="coverage_") as tmp:
-        for name in args.models:
-            print(f"{name} ...", file=sys.stderr, flush=True)
+        for name in progress_iter(args.models, "coverage (models)"):
             rows.append(run_model(name, images=args.images, compiler_timeout=args.compiler_timeout,
                                   workdir=Path(tmp)))
     if args.json:
