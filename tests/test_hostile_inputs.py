@@ -746,6 +746,41 @@ def test_calib_json_warns_when_a_module_reads_a_functional_sum(tmp_path, capsys)
                 if f.rule == "functional-op"]
 
 
+class _Case1(nn.Module):
+    """``c(relu(a(x) + b(x)))`` with a ReLU module: the sum is an Eltwise layer in Caffe."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.relu, self.c = nn.ReLU(), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.c(self.relu(self.a(x) + self.b(x)))
+
+
+def case1_model():  # entry point for the CLI
+    return _Case1().eval()
+
+
+def test_cli_check_against_a_model_names_the_keys_the_compiler_will_ask_for(tmp_path, capsys):
+    """``check --model``: the calib.json is checked against the net export-caffe would write,
+    so the functional sum's missing key is an error (without it: "keys not checked")."""
+    from torch_nvdla.nvdla.calibjson import export_calib_json
+    from torch_nvdla.nvdla.naming import calibrate_for_nvdla
+
+    table, names = calibrate_for_nvdla(case1_model(), [torch.randn(4, 3, 8, 8)], "generic", progress=False)
+    calib = tmp_path / "calib.json"
+    export_calib_json(table, calib, names, show=False)
+    rc, text = _cli(capsys, "check", calib)
+    assert rc == 0 and "keys not checked" in text
+    rc, text = _cli(capsys, "check", calib, "--model", "test_hostile_inputs:case1_model", "--input-shape", "1,3,8,8")
+    assert rc == 1 and "add" in text and "missing" in text and "test_hostile_inputs:case1_model" in text
+    rc, text = _cli(capsys, "check", calib, "--model", "test_hostile_inputs:case1_model")
+    assert rc == 1 and "--input-shape" in text
+    _no_traceback(text)
+
+
 def test_decode_output_reads_a_runtime_dump_with_the_output_scale(tmp_path, capsys):
     calib = tmp_path / "calib.json"
     calib.write_text('{"data": {"scale": 0.0078740157}, "ip2": {"scale": 0.2}, "prob": {"scale": 0.0078740157}}')

@@ -6,13 +6,27 @@ import argparse
 
 from ..errors import CalibrationError
 
-__all__ = ["add_calibration_options", "add_model_options", "add_weights_option", "calibration_kwargs", "calibration_loader", "calibration_source", "dataset_for"]
+__all__ = ["add_calibration_options", "add_model_options", "add_weights_option", "calibration_kwargs", "calibration_loader",
+           "calibration_source", "dataset_for", "input_shape"]
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--data``: built-in names or ``package.module:function`` entry points."""
     p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
     p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape``: ``N,C,H,W`` (``C,H,W`` is read as ``1,C,H,W``), positive integers."""
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        dims = ()
+    if len(dims) == 3:
+        dims = (1, *dims)
+    if len(dims) != 4 or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W (e.g. 1,3,32,32), got {text!r}")
+    return dims
 
 
 def add_weights_option(p: argparse.ArgumentParser, *extra: str) -> None:

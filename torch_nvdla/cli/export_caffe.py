@@ -6,19 +6,10 @@ import argparse
 import functools
 import json
 
-from .common import add_calibration_options, add_model_options, add_weights_option
+from .common import add_calibration_options, add_model_options, add_weights_option, input_shape
 
 HELP = "write deploy.prototxt, model.caffemodel and calib.json (matching names) for the NVDLA compiler"
 
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N,C,H,W (e.g. 1,3,32,32), got {text!r}") from None
-    if len(dims) != 4 or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"expected 4 positive integers N,C,H,W, got {text!r}")
-    return dims
 
 #: Output options, checked before the command runs: option -> "file", "folder" or "prefix".
 OUTPUTS = {"output_dir": "folder", "save_table": "file"}
@@ -30,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="use this saved calibration table (calibrated with the taps export-caffe needs) instead of calibrating")
     p.add_argument("--save-table", default=None, help="also save the calibration table here")
     add_calibration_options(p)
-    p.add_argument("--input-shape", type=_shape, default=None, metavar="N,C,H,W",
+    p.add_argument("--input-shape", type=input_shape, default=None, metavar="N,C,H,W",
                    help="the Input layer's shape (default: batch 1 and the data set's image shape)")
     p.add_argument("--preset", default="auto", choices=["auto", "caffe-lenet", "resnet-caffe", "generic"],
                    help="layer naming preset (default: auto-detect)")

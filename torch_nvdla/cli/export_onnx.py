@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_weights_option
+from .common import add_weights_option, input_shape
 
 HELP = "export a calibrated model to ONNX for TensorRT (DLA): Q/DQ nodes and/or a calibration cache"
 
@@ -32,8 +32,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to --example-images")
     p.add_argument("--example-images", type=int, default=16,
                    help="calibration images the exporter traces and the taps are matched on (default 16)")
-    p.add_argument("--input-shape", default=None, metavar="C,H,W",
-                   help="no data set: trace on standard-normal inputs of this shape (seed 0)")
+    p.add_argument("--input-shape", type=input_shape, default=None, metavar="N,C,H,W",
+                   help="no data set: trace on --example-images standard-normal inputs of this C,H,W (seed 0; "
+                        "N is ignored)")
     p.add_argument("--trt-version", default=None, help="TensorRT version in the cache header (default 8601)")
     p.add_argument("--compare", action="store_true",
                    help="run the Q/DQ model in onnxruntime against int8_simulation on the evaluation split")
@@ -43,18 +44,6 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="exit with status 1 when a tap has no ONNX tensor, a layer runs in FP32 for want of a range, "
                         "or a float tensor has no range in the cache")
     p.add_argument("--json", action="store_true", help="print the mapping (and comparison) as JSON on stdout")
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    from ..errors import CalibrationError
-
-    try:
-        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        dims = ()
-    if not dims or any(d <= 0 for d in dims):
-        raise CalibrationError(f"--input-shape must be positive integers like 3,32,32, got {text!r}")
-    return dims
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     data = None
     if args.input_shape:
         g = torch.Generator().manual_seed(0)
-        example = torch.randn((args.example_images, *_shape(args.input_shape)), generator=g)
+        example = torch.randn((args.example_images, *args.input_shape[1:]), generator=g)
     else:
         name = args.data or default_dataset_for(args.model)
         if name is None:

@@ -961,7 +961,8 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
     Args:
         path: the calib.json, as it will be passed to the compiler (checked for
             upper-case letters as given).
-        prototxt: the deploy prototxt the compiler will read.
+        prototxt: the deploy prototxt the compiler will read (a path, or a parsed
+            :class:`~torch_nvdla.caffe.prototxt.CaffeNet`, e.g. ``convert_to_caffe(model).net``).
         blobs: layer name -> weight array, or an ``.npz`` of Caffe blobs
             (:func:`load_weight_blobs`), for exact ``m >> t``.
         profile: ``"fast-math"`` (the compiler's default) or ``"basic"``.
@@ -996,7 +997,9 @@ def check_calib_json(path: str | os.PathLike, prototxt: str | os.PathLike | None
     )
     from .rules import hardware_issues
 
-    net = parse_prototxt(Path(prototxt))
+    net = prototxt if hasattr(prototxt, "layers") else parse_prototxt(Path(prototxt))
+    if net is prototxt:
+        prototxt = net.source or "<net>"
     for p in structure_problems(net, COMPILER_LAYER_TYPES):
         findings.append(Finding("error", "structure", p.layer, f"{p.problem} (the compiler fails)",
                                 _where(prototxt, p.line), p.line))
