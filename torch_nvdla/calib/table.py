@@ -251,26 +251,35 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
         )
     ranges = {}
     overrides = dict(overrides or {})
+    picked: dict[tuple, tuple[float, str, str]] = {}  # taps sharing one histogram search once
     for name, h in histograms.items():
         amax = 0.0
         tap_method = overrides.get(name, method)
         note = ""
         if h.numel:
-            counts, edges = h.abs_histogram()
-            opts = options if tap_method == method else {}
-            amax = min(float(compute_amax(tap_method, counts, edges, **opts)), h.max_abs())
-            clipped = _clipped_fraction(counts, edges, amax)
-            if tap_method in DEGENERATE_CHECKED and clipped > DEGENERATE_CLIP:
-                note = (f"{tap_method} picked {amax:.4g}, clipping {100 * clipped:.1f} % of the nonzero values "
-                        f"(a degenerate search on a narrow band): {DEGENERATE_FALLBACK} used instead")
-                amax = min(float(compute_amax(DEGENERATE_FALLBACK, counts, edges)), h.max_abs())
-                tap_method = DEGENERATE_FALLBACK
+            key = (tap_method, h.max_abs(), float(h.range), hashlib.sha256(h.counts.cpu().numpy().tobytes()).digest())
+            if key not in picked:
+                picked[key] = _pick(h, tap_method, options if tap_method == method else {})
+            amax, tap_method, note = picked[key]
         if not amax > 0.0:
             amax = ZERO_TAP_AMAX
         lo = float(h.min) if h.numel else 0.0
         hi = float(h.max) if h.numel else 0.0
         ranges[name] = TapRange(name, amax, tap_method, lo, hi, note)
     return ranges
+
+
+def _pick(h: Histogram, method: str, options: Mapping) -> tuple[float, str, str]:
+    """One histogram's ``(amax, method used, note)``: the strategy's pick, capped at the
+    exact largest |x|, or the fallback when the pick is degenerate."""
+    counts, edges = h.abs_histogram()
+    amax = min(float(compute_amax(method, counts, edges, **options)), h.max_abs())
+    clipped = _clipped_fraction(counts, edges, amax)
+    if method in DEGENERATE_CHECKED and clipped > DEGENERATE_CLIP:
+        note = (f"{method} picked {amax:.4g}, clipping {100 * clipped:.1f} % of the nonzero values "
+                f"(a degenerate search on a narrow band): {DEGENERATE_FALLBACK} used instead")
+        return min(float(compute_amax(DEGENERATE_FALLBACK, counts, edges)), h.max_abs()), DEGENERATE_FALLBACK, note
+    return amax, method, ""
 
 
 #: Strategies whose pick is checked for degeneracy, the largest share of the nonzero
