@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     say("[dim]input: a feature tensor (--informat nchw): the application writes int8 round(x / S) of the model's "
         "own input, S the calib.json 'data' scale; this is the program int8_simulation(mode='nvdla', "
         f"weights='{args.weights}') predicts. The runtime's image input (nhwc) writes round(127 p / 255) without "
-        "normalization and runs the first conv's BatchNorm unfused.[/]")
+        "normalization" + ("." if args.fold_batchnorm else " and runs the first conv's BatchNorm unfused "
+                           "(--fold-batchnorm avoids that).") + "[/]")
     if args.compile and result.calib_json is not None:
         from ..utils.io import current_stage
 
