@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ __all__ = [
     "TapHooks",
     "TapInfo",
     "TapSelection",
+    "TensorMemo",
     "first_tensor",
     "is_leaf",
     "leaf_modules",
@@ -214,17 +215,22 @@ def _extent(x: torch.Tensor) -> tuple | None:
 
 @dataclass
 class _Producer:
-    """A tensor seen in this pass: who saw it and at which version."""
+    """A remembered tensor: what it was remembered as, and at which version."""
 
     ref: weakref.ref
     version: int
-    name: str
+    value: Any
 
 
-class _TensorMemo:
-    """Tensors of one forward pass by identity, and by the elements they span (so a view of
-    all of a tensor's elements -- ``flatten``, ``view``, ``permute`` -- is found too), each
-    only while unmodified (its version counter unchanged)."""
+class TensorMemo:
+    """What made (or observed) each tensor of one forward pass: found by identity, or by the
+    elements a tensor spans (so a view of all of a remembered tensor's elements --
+    ``flatten``, ``view``, ``permute`` -- is found too), each only while unmodified (its
+    version counter unchanged). Holds weak references only; :meth:`clear` between passes.
+
+    The one implementation of producer tracing: calibration (:class:`TapHooks`), the NVDLA
+    name tracer and the simulation's graph discovery use it.
+    """
 
     def __init__(self) -> None:
         self._by_id: dict[int, _Producer] = {}
@@ -234,16 +240,17 @@ class _TensorMemo:
         self._by_id.clear()
         self._by_extent.clear()
 
-    def remember(self, x: torch.Tensor, name: str) -> None:
-        p = _Producer(weakref.ref(x), x._version, name)
+    def remember(self, x: torch.Tensor, value: Any) -> None:
+        """Record ``value`` for ``x`` as it is now."""
+        p = _Producer(weakref.ref(x), x._version, value)
         self._by_id[id(x)] = p
         extent = _extent(x)
         if extent is not None:
             self._by_extent[extent] = p
 
-    def get(self, x) -> str | None:
-        """The name ``x`` (or a tensor spanning the same elements) was remembered under, if
-        unmodified since."""
+    def get(self, x) -> Any:
+        """The value ``x`` (or a tensor spanning the same elements) was remembered with, if
+        unmodified since; else None."""
         if not isinstance(x, torch.Tensor):
             return None
         p = self._by_id.get(id(x))
@@ -253,7 +260,7 @@ class _TensorMemo:
             origin = p.ref() if p is not None else None
             if origin is None or _extent(origin) != extent:
                 return None
-        return p.name if x._version == p.version else None
+        return p.value if x._version == p.version else None
 
 
 class CallSites:
@@ -352,8 +359,8 @@ class TapHooks:
         self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
         self._sites = CallSites(model, on_input=self._on_input, on_call=self._on_call, on_output=self._on_output)
         self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
-        self._seen = _TensorMemo()  # tensor -> the tap that observed it in this pass
-        self._made = _TensorMemo()  # tensor -> the leaf call (or the input) that made it
+        self._seen = TensorMemo()  # tensor -> the tap that observed it in this pass
+        self._made = TensorMemo()  # tensor -> the leaf call (or the input) that made it
         self._conv_taps: set[str] = set()  # taps of convolution calls
 
     # -- life cycle -------------------------------------------------------------------

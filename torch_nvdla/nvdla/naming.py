@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import math
 import string
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
@@ -20,6 +19,7 @@ from ..calib.taps import (
     BN_NORMALIZED,
     CallSites,
     TapSelection,
+    TensorMemo,
     first_tensor,
     tensor_args,
 )
@@ -438,9 +438,9 @@ def trace_producers(model: nn.Module, example: Any, *, forward: Callable[[nn.Mod
                     ) -> list[TraceCall]:
     """Run ``model`` once on ``example`` and record, per leaf call, which tap made each input.
 
-    A tensor argument is attributed to the tap whose output has the same data pointer and
-    element count, is still alive (or is the base of a view) and has not been modified in
-    place since (same version counter). So ``torch.flatten(pool2)`` feeding ``ip1`` is
+    A tensor argument is attributed to the tap whose output it is, or whose elements it
+    spans as a view, as long as that output has not been modified in place since (same
+    version counter; :class:`~torch_nvdla.calib.taps.TensorMemo`). So ``torch.flatten(pool2)`` feeding ``ip1`` is
     traced to ``pool2``; ``out += identity`` feeding a ReLU is not traced to ``bn3`` (the
     in-place add bumped the version): that producer is unknown (``None``).
 
@@ -455,24 +455,18 @@ def trace_producers(model: nn.Module, example: Any, *, forward: Callable[[nn.Mod
     from ..model.batch import run_batch
     from ..model.state import eval_mode, model_device
 
-    registry: dict[int, tuple[weakref.ref, int, int, str]] = {}
+    made = TensorMemo()
     calls: list[TraceCall] = []
 
     def remember(t: torch.Tensor, tap: str) -> None:
         if isinstance(t, torch.Tensor) and t.numel():
-            registry[t.data_ptr()] = (weakref.ref(t), t._version, t.numel(), tap)
+            made.remember(t, tap)
 
     def producer(t: torch.Tensor) -> str | None:
-        entry = registry.get(t.data_ptr()) if t.numel() else None
-        if entry is None:
-            return None
-        ref, version, numel, tap = entry
-        if ref() is None or version != t._version or numel != t.numel():
-            return None
-        return tap
+        return made.get(t) if t.numel() else None
 
     def on_input(module, args, kwargs):
-        registry.clear()
+        made.clear()
         ts = tensor_args(tuple(args) + tuple(kwargs.values()))
         if ts:
             remember(ts[0], "data")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -21,6 +20,7 @@ from ..caffe.shapes import caffe_pool_output_size
 from ..calib.taps import (
     CallSites,
     TapSelection,
+    TensorMemo,
     first_tensor,
     leaf_modules,
     tensor_args,
@@ -405,28 +405,20 @@ class _Discovery:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.calls: list[_RawCall] = []
-        self._registry: dict[int, tuple[weakref.ref, int, int, int]] = {}  # data_ptr -> (ref, version, numel, producer)
+        self._made = TensorMemo()  # tensor -> the index of the call that made it (DATA: the input)
         self._keep: list[torch.Tensor] = []
         self._pending: dict[int, list] = {}
 
     def _remember(self, t: torch.Tensor, producer: int) -> None:
         if isinstance(t, torch.Tensor) and t.numel():
-            self._registry[t.data_ptr()] = (weakref.ref(t), t._version, t.numel(), producer)
+            self._made.remember(t, producer)
             self._keep.append(t)
 
     def _producer(self, t: torch.Tensor) -> int | None:
-        if not t.numel():
-            return None
-        entry = self._registry.get(t.data_ptr())
-        if entry is None:
-            return None
-        ref, version, numel, producer = entry
-        if ref() is None or version != t._version or numel != t.numel():
-            return None
-        return producer
+        return self._made.get(t) if t.numel() else None
 
     def _on_input(self, module, args, kwargs) -> None:
-        self._registry.clear()
+        self._made.clear()
         x = _model_input(args, kwargs)
         if x is not None:
             self._remember(x, DATA)
@@ -464,7 +456,7 @@ class _Discovery:
                     self.calls[p].is_output = True
         finally:
             self._keep.clear()
-            self._registry.clear()
+            self._made.clear()
         for c in self.calls:
             for p in c.producers:
                 if p is not None and p >= 0 and c.index not in self.calls[p].consumers:
