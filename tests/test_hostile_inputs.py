@@ -715,37 +715,6 @@ def test_generic_calib_json_names_the_functional_ops_it_cannot_key(tmp_path):
     assert [f.layer for f in hits] == ["c:input"] and hits[0].level == "warning"
 
 
-def test_calib_json_warns_when_a_module_reads_a_functional_sum(tmp_path, capsys):
-    """Issue case 1 exactly: ``c(relu(a(x) + b(x)))`` with a ReLU *module*; the sum is a Caffe
-    Eltwise layer whose key the generic calib.json cannot write. A model without functional
-    ops, and names that were not traced (from a table), give no such warning."""
-    from torch_nvdla.nvdla.calibjson import export_calib_json
-    from torch_nvdla.nvdla.naming import calibrate_for_nvdla
-
-    class Case1(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
-            self.relu, self.c = nn.ReLU(), nn.Conv2d(4, 4, 3)
-
-        def forward(self, x):
-            return self.c(self.relu(self.a(x) + self.b(x)))
-
-    torch.manual_seed(0)
-    x = [torch.randn(4, 3, 8, 8)]
-    table, names = calibrate_for_nvdla(Case1(), x, "generic", progress=False)
-    report = export_calib_json(table, tmp_path / "calib.json", names)
-    hits = [f for f in report.findings if f.rule == "functional-op"]
-    assert [(f.layer, f.level) for f in hits] == [("relu:input", "warning")]  # the sum, observed, has no key
-    assert "export_caffe" in hits[0].message and "(functional-op)" in capsys.readouterr().err
-    untraced = export_calib_json(table, tmp_path / "t.json", show=False).findings  # NvdlaNames.from_table
-    assert [f.layer for f in untraced if f.rule == "functional-op"] == ["relu:input"]  # no per-layer guesses
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
-    table, names = calibrate_for_nvdla(plain, x, "generic", progress=False)
-    assert not [f for f in export_calib_json(table, tmp_path / "p.json", names, show=False).findings
-                if f.rule == "functional-op"]
-
-
 class _Case1(nn.Module):
     """``c(relu(a(x) + b(x)))`` with a ReLU module: the sum is an Eltwise layer in Caffe."""
 
@@ -761,6 +730,28 @@ class _Case1(nn.Module):
 
 def case1_model():  # entry point for the CLI
     return _Case1().eval()
+
+
+def test_calib_json_warns_when_a_module_reads_a_functional_sum(tmp_path, capsys):
+    """Issue case 1 exactly: ``c(relu(a(x) + b(x)))`` with a ReLU *module*; the sum is a Caffe
+    Eltwise layer whose key the generic calib.json cannot write. A model without functional
+    ops, and names that were not traced (from a table), give no such warning."""
+    from torch_nvdla.nvdla.calibjson import export_calib_json
+    from torch_nvdla.nvdla.naming import calibrate_for_nvdla
+
+    torch.manual_seed(0)
+    x = [torch.randn(4, 3, 8, 8)]
+    table, names = calibrate_for_nvdla(case1_model(), x, "generic", progress=False)
+    report = export_calib_json(table, tmp_path / "calib.json", names)
+    hits = [f for f in report.findings if f.rule == "functional-op"]
+    assert [(f.layer, f.level) for f in hits] == [("relu:input", "warning")]  # the sum, observed, has no key
+    assert "export_caffe" in hits[0].message and "(functional-op)" in capsys.readouterr().err
+    untraced = export_calib_json(table, tmp_path / "t.json", show=False).findings  # NvdlaNames.from_table
+    assert [f.layer for f in untraced if f.rule == "functional-op"] == ["relu:input"]  # no per-layer guesses
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    table, names = calibrate_for_nvdla(plain, x, "generic", progress=False)
+    assert not [f for f in export_calib_json(table, tmp_path / "p.json", names, show=False).findings
+                if f.rule == "functional-op"]
 
 
 def test_cli_check_against_a_model_names_the_keys_the_compiler_will_ask_for(tmp_path, capsys):
