@@ -6,8 +6,9 @@ import argparse
 
 from ..errors import CalibrationError
 
-__all__ = ["add_calibration_options", "add_model_options", "add_weights_option", "calibration_kwargs", "calibration_loader",
-           "calibration_source", "dataset_for", "input_shape"]
+__all__ = ["add_calibration_options", "add_missing_option", "add_model_options", "add_weights_option",
+           "calibration_kwargs", "calibration_loader", "calibration_source", "dataset_for", "evaluation_setup",
+           "input_shape"]
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,12 @@ def add_weights_option(p: argparse.ArgumentParser, *extra: str) -> None:
     p.add_argument("--weights", default="per-kernel", choices=["per-kernel", "per-filter", *extra],
                    help="weight quantization, the compiler's --quantizationMode (default per-kernel, "
                         "the compiler's default)")
+
+
+def add_missing_option(p: argparse.ArgumentParser) -> None:
+    """``--missing``: what a simulation does with layers whose taps the table lacks."""
+    p.add_argument("--missing", default="error", choices=["error", "fp32"],
+                   help="taps the table lacks: fail (default) or run those layers in FP32")
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
@@ -87,3 +94,17 @@ def calibration_loader(args: argparse.Namespace):
     """The data set (see :func:`dataset_for`) and its calibration loader."""
     data = dataset_for(args)
     return data, data.loader("calibration", args.batch_size, limit=args.num_images)
+
+
+def evaluation_setup(args: argparse.Namespace, images: int):
+    """What evaluate / sweep run on: the data set, the model, the calibration (a saved table
+    or the calibration loader, :func:`calibration_source`) and ``images`` labelled
+    evaluation images spread over the split, in batches of ``--batch-size``."""
+    from ..sim.evaluate import spread_subset
+    from ..zoo.data import batches
+    from ..zoo.registry import get_model
+
+    data = dataset_for(args)
+    model = get_model(args.model)
+    xs, ys = spread_subset(*data.split("evaluation"), images)
+    return data, model, calibration_source(args, data), batches(xs, ys, args.batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_weights_option
+from .common import add_missing_option, add_model_options, add_weights_option
 
 HELP = "compare FP32 and INT8 (fake-quant, NVDLA integer) top-1/top-5 accuracy per calibration strategy"
 
@@ -21,8 +21,7 @@ OUTPUTS = {"output": "file"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
-    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+    add_model_options(p)
     p.add_argument("--calib-images", type=int, default=500, help="calibration images (default 500; disjoint from evaluation)")
     p.add_argument("--eval-images", type=int, default=None,
                    help="evaluation images, evenly spaced over the split (default: the whole evaluation split)")
@@ -36,8 +35,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--table", default=None, help="evaluate a saved calibration table instead of calibrating")
-    p.add_argument("--missing", default="error", choices=["error", "fp32"],
-                   help="taps the table lacks: fail (default) or run those layers in FP32")
+    add_missing_option(p)
     p.add_argument("--plan", action="store_true",
                    help="print the simulated NVDLA graph: fused layers and the scale each reads and writes")
     p.add_argument("-o", "--output", default=None, help="also write the report as JSON to this file")
@@ -45,18 +43,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sim.evaluate import evaluate, spread_subset
+    from ..sim.evaluate import evaluate
     from ..utils.console import say
     from ..utils.io import atomic_write_json
-    from ..zoo.data import batches
-    from ..zoo.registry import get_model
-    from .common import calibration_source, dataset_for
+    from .common import evaluation_setup
 
-    data = dataset_for(args)
-    model = get_model(args.model)
-    calibration = calibration_source(args, data)
-    xs, ys = spread_subset(*data.split("evaluation"), args.eval_images)
-    report = evaluate(model, calibration, batches(xs, ys, args.batch_size),
+    data, model, calibration, evaluation = evaluation_setup(args, args.eval_images)
+    report = evaluate(model, calibration, evaluation,
                       methods=args.methods, simulations=args.simulations, weights=args.weights,
                       placement=args.placement, percentile=args.percentile, missing=args.missing,
                       progress=not args.json, model_name=args.model, data_name=data.name)

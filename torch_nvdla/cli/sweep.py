@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_weights_option
+from .common import add_missing_option, add_model_options, add_weights_option
 
 HELP = "turn layers to INT8 one by one (cumulative) or alone (isolated) and measure the accuracy drop"
 
@@ -14,8 +14,7 @@ OUTPUTS = {"output": "prefix"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="digits-lenet", help="built-in name or package.module:function (default: digits-lenet)")
-    p.add_argument("--data", default=None, help="built-in name or package.module:function (default: the model's own)")
+    add_model_options(p)
     p.add_argument("--calib-images", type=int, default=500, help="calibration images (default 500)")
     p.add_argument("--images", type=int, default=1000,
                    help="evaluation images per step, evenly spaced over the evaluation split (default 1000)")
@@ -29,7 +28,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="how many sensitive layers to name (default 5)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--table", default=None, help="use a saved calibration table instead of calibrating")
-    p.add_argument("--missing", default="error", choices=["error", "fp32"])
+    add_missing_option(p)
     p.add_argument("-o", "--output", default="sweep",
                    help="write OUTPUT.csv, OUTPUT.json and OUTPUT.png (default sweep)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -37,18 +36,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sim.evaluate import spread_subset
     from ..sim.sweep import sweep
     from ..utils.console import say
-    from ..zoo.data import batches
-    from ..zoo.registry import get_model
-    from .common import calibration_source, dataset_for
+    from .common import evaluation_setup
 
-    data = dataset_for(args)
-    model = get_model(args.model)
-    calibration = calibration_source(args, data)
-    xs, ys = spread_subset(*data.split("evaluation"), args.images)
-    report = sweep(model, calibration, batches(xs, ys, args.batch_size), method=args.method, order=args.order,
+    _, model, calibration, evaluation = evaluation_setup(args, args.images)
+    report = sweep(model, calibration, evaluation, method=args.method, order=args.order,
                    simulation=args.simulation, weights=args.weights, budget=args.budget, top_k=args.top_k,
                    missing=args.missing, progress=not args.json)
     paths = report.save(args.output, plot=not args.no_plot)
