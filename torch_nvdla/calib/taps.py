@@ -405,10 +405,17 @@ class TapHooks:
         """:meth:`_observed_as`, when the selection lets taps reuse each other's histograms."""
         return self._observed_as(x) if self.selection.reuse else None
 
-    def _unseen(self, x) -> bool:
-        """``x`` is neither observed as it is nor an unchanged leaf output / model input (or a
-        view of one): a functional op made it, or it changed in place since."""
-        return _observable(x) and self._observed_as(x) is None and self._made.get(x) is None
+    def _wants_input(self, tap: str, x) -> bool:
+        """Observe call ``tap``'s input ``x``: asked for by name, or (``unseen_inputs``) no tap
+        holds it as it is and no leaf made it unchanged (a functional op's result, or changed
+        in place since), or it is held only as another call's ``:input`` (a functional result
+        read by several calls: each gets its own name, sharing the one histogram)."""
+        if self.selection.inputs and self.selection.wants_input(tap):
+            return True
+        if not self.selection.unseen_inputs or not _observable(x):
+            return False
+        seen = self._observed_as(x)
+        return (seen is None and self._made.get(x) is None) or (seen or "").endswith(":input")
 
     def _made_by(self, x, name: str) -> None:
         if isinstance(x, torch.Tensor):
@@ -430,14 +437,8 @@ class TapHooks:
                 self._observe("data", TapInfo("data", "", 0, "input", type(module).__name__, 0), x)
 
     def _on_call(self, tap, path, call, module, args):
-        wanted = bool(self.selection.inputs) and self.selection.wants_input(tap)
-        if not wanted and self.selection.unseen_inputs:
-            x = first_tensor(args)
-            # unseen, or seen only as another call's ':input' (a functional result read by
-            # several calls: each gets its own name, sharing the one histogram)
-            wanted = self._unseen(x) or (self._observed_as(x) or "").endswith(":input")
-        if wanted:
-            x = first_tensor(args)
+        x = first_tensor(args)
+        if self._wants_input(tap, x):
             name = f"{tap}:input"
             if _observable(x):
                 info = TapInfo(name, path, call, "module-input", type(module).__name__, 0)
@@ -450,7 +451,7 @@ class TapHooks:
             else:
                 self.skipped[name] = f"input is {_why_not(x)}"
         # A ReLU / value-preserving module fed the tensor just observed: remember it.
-        self._source[id(module)] = self._reusable(first_tensor(args))
+        self._source[id(module)] = self._reusable(x)
 
     def _on_output(self, tap, path, call, module, args, output):
         src = self._source.pop(id(module), None)
