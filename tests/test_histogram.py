@@ -312,3 +312,21 @@ def test_observer_merge_and_reset(device):
     fresh = HistogramObserver(bins=512)
     fresh.merge(o2)
     _same(fresh.histogram, o2.histogram)
+
+
+def test_cpu_binning_paths_agree_on_a_large_tensor():
+    """Native and torch CPU binning on more values than one torch chunk (and than one native
+    block), with runs of equal values (ReLU zeros) that the native kernel counts in rotation."""
+    from torch_nvdla.calib import histogram
+
+    if histogram._native is None:
+        pytest.skip("the C binning kernel is not built here (no C compiler at install): torch path only")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1_300_001, generator=g).relu_() * 5  # |x| < 64: half zeros
+    for dtype in (torch.float32, torch.float64):
+        for r in (64.0, 256.0):
+            got = histogram._count_cpu_native(x.to(dtype), 2048, r)
+            assert torch.equal(got, histogram._count_cpu_torch(x.to(dtype), 2048, r))
+            assert int(got.sum()) == x.numel() and int(got[2048]) == int((x < r / 2048).sum())
+    strided = x[::3]  # not contiguous: the wrapper makes it so
+    assert torch.equal(histogram._count_cpu_native(strided, 256, 64.0), histogram._count_cpu_torch(strided, 256, 64.0))

@@ -120,3 +120,27 @@ def test_abs_histogram_is_histogram_of_magnitudes(device, xs):
         mags = x.abs().double().cpu()
         j = torch.searchsorted(edges.cpu(), mags, right=True) - 1
         assert torch.equal(torch.bincount(j, minlength=BINS), counts.cpu())
+
+
+# -- the two CPU binning paths -----------------------------------------------------------------
+
+_dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
+
+
+@SETTINGS
+@given(xs=st.lists(values, min_size=1, max_size=200), dtype=_dtypes, bins=st.sampled_from([1, 2, 256, 2048, 65536]),
+       grow=st.integers(0, 3))
+def test_native_binning_equals_torch_binning(xs, dtype, bins, grow):
+    """The C kernel and the torch operations put every value in the same bin, for every
+    dtype, bin count and range (the data's own power of two, or a larger one)."""
+    from torch_nvdla.calib import histogram
+
+    if histogram._native is None:
+        import pytest
+
+        pytest.skip("the C binning kernel is not built here (no C compiler at install): torch path only")
+    x = torch.tensor(xs, dtype=torch.float32).to(dtype)
+    x = x[x.isfinite()]  # (values beyond fp16's range became inf: a histogram never bins those)
+    amax = float(x.abs().max()) if x.numel() else 0.0
+    r = 2.0 ** (math.frexp(max(amax, 2.0**-127))[1] + grow)
+    assert torch.equal(histogram._count_cpu_native(x, bins, r), histogram._count_cpu_torch(x, bins, r))

@@ -6,11 +6,22 @@ Design notes and the facts behind them: ``docs/calib.md``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Histogram", "HistogramObserver"]
+try:  # the optional C kernel (setup.py builds it where a C compiler is present)
+    from . import _binning as _native
+except ImportError:  # pragma: no cover - depends on the install
+    _native = None
+
+__all__ = ["BINNING", "Histogram", "HistogramObserver"]
+
+#: How CPU tensors are binned: ``"native"`` (the C kernel, one pass) or ``"torch"`` (a
+#: few vectorised torch operations and ``bincount`` per chunk). The same bins either way;
+#: ``TORCH_NVDLA_BINNING=torch`` forces the torch path.
+BINNING = "native" if _native is not None and os.environ.get("TORCH_NVDLA_BINNING", "") != "torch" else "torch"
 
 # Elements binned per step on the CPU: large enough that per-operation overhead does not
 # dominate small layers, small enough that the scratch (12 bytes an element) stays modest.
@@ -28,19 +39,44 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1)
 
 
+def _scaling(bins: int, r: float) -> tuple[float, float]:
+    """``(pre, step)`` with ``pre * step = bins / r``, each a float32-representable power of
+    two: ``step`` alone unless ``bins / r`` exceeds ``2**100`` (ranges below ~``2**-90``)."""
+    step = bins / r
+    return (2.0**100, step / 2.0**100) if step > 2.0**100 else (1.0, step)
+
+
 def _count_cpu(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
     """Exact signed counts of finite CPU values on ``(-r, r)`` (``r`` a power of two > max|x|).
 
     Bin ``bins + trunc(x * bins / r) - [x < 0]``, in ``[0, 2 * bins)`` because ``|x| < r``.
     ``x * bins / r`` is a power-of-two scaling, exact in float32 for float32/fp16/bf16 values
     (float64 for float64 ones) unless it underflows -- and then ``|y| < 1`` truncates to 0
-    anyway, the sign coming from ``x`` itself (``-0.0`` is not negative). A few passes over
-    each chunk, int32 indices throughout (``bincount`` reads them fastest).
+    anyway, the sign coming from ``x`` itself (``-0.0`` is not negative). Counted by the C
+    kernel when it is built (:data:`BINNING`), else by :func:`_count_cpu_torch`.
     """
+    if BINNING == "native":
+        return _count_cpu_native(flat, bins, r)
+    return _count_cpu_torch(flat, bins, r)
+
+
+def _count_cpu_native(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
+    """:func:`_count_cpu` by the C kernel: one pass, no scratch (fp16/bf16 are first
+    widened to float32, which is exact)."""
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    flat = flat.contiguous()
+    counts = torch.zeros(2 * bins, dtype=torch.int64)
+    pre, step = _scaling(bins, r)
+    _native.count(flat.data_ptr(), flat.numel(), flat.dtype == torch.float64, bins, pre, step, counts.data_ptr())
+    return counts
+
+
+def _count_cpu_torch(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
+    """:func:`_count_cpu` with torch operations: a few passes over each chunk, int32
+    indices throughout (``bincount`` reads them fastest)."""
     n = 2 * bins
-    step, pre = bins / r, 1.0
-    if step > 2.0**100:  # not a float32: scale in two exact steps (ranges below ~2**-90)
-        step, pre = step / 2.0**100, 2.0**100
+    pre, step = _scaling(bins, r)
     wide = flat.dtype == torch.float64
     size = min(flat.numel(), _CPU_CHUNK)
     scaled = torch.empty(size, dtype=torch.float64 if wide else torch.float32)
@@ -88,6 +124,12 @@ def _pow2_above(m: torch.Tensor) -> torch.Tensor:
     m = m.to(torch.float64).clamp_min(2.0 ** (_TINY_EXP - 1))
     _, exponent = torch.frexp(m)
     return torch.exp2(exponent.to(torch.float64))
+
+
+def _pow2_above_float(m: float) -> float:
+    """:func:`_pow2_above` of a Python float (``inf`` past float64's largest power of two)."""
+    _, exponent = math.frexp(max(m, 2.0 ** (_TINY_EXP - 1)))
+    return math.ldexp(1.0, exponent) if exponent < 1024 else math.inf
 
 
 @dataclass
@@ -145,6 +187,8 @@ class Histogram:
             bins: bins of the |x| histogram (a power of two).
         """
         flat = _flat(x.detach())
+        if flat.device.type == "cpu" and flat.numel():
+            return cls._of_cpu(flat, bins)
         h = cls.empty(bins, flat.device)
         if flat.numel() == 0:
             return h
@@ -154,13 +198,23 @@ class Histogram:
         h.min, h.max, h.finite, h.numel = lo, hi, finite, flat.numel()
         amax = torch.maximum(lo.abs(), hi.abs())
         h.range = _pow2_above(torch.where(finite, amax, torch.zeros_like(amax)))
-        if flat.device.type == "cpu":
-            if not bool(finite):
-                return h  # counts are meaningless; the caller reports the tap
-            h.counts = _count_cpu(flat, bins, float(h.range))
-        else:
-            h.counts = _count_device(flat, bins, h.range)
+        h.counts = _count_device(flat, bins, h.range)
         return h
+
+    @classmethod
+    def _of_cpu(cls, flat: torch.Tensor, bins: int) -> "Histogram":
+        """:meth:`of` for a non-empty CPU tensor: the extremes are read once, as Python
+        floats, and the range follows from them without further tensor operations."""
+        if bins < 1 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 1, got {bins}")
+        lo, hi = (float(v) for v in torch.aminmax(flat))
+        finite = math.isfinite(lo) and math.isfinite(hi)
+        r = _pow2_above_float(max(-lo, hi) if finite else 0.0)
+        # Counts of a non-finite tensor are meaningless (the caller reports the tap).
+        counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
+        f64 = torch.float64
+        return cls(counts, torch.tensor(r, dtype=f64), torch.tensor(lo, dtype=f64), torch.tensor(hi, dtype=f64),
+                   torch.tensor(finite), flat.numel())
 
     def rebinned(self, new_range: torch.Tensor) -> torch.Tensor:
         """Counts at a larger power-of-two range ``new_range >= self.range``.
@@ -184,12 +238,36 @@ class Histogram:
         if other.bins != self.bins:
             raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
         other = other.to(self.device)
+        if self.device.type == "cpu":
+            return self._merge_cpu(other)
         new_range = torch.maximum(self.range, other.range)
         self.counts = self.rebinned(new_range) + other.rebinned(new_range)
         self.range = new_range
         self.min = torch.minimum(self.min, other.min)
         self.max = torch.maximum(self.max, other.max)
         self.finite = self.finite & other.finite
+        self.numel += other.numel
+        return self
+
+    def _merge_cpu(self, other: "Histogram") -> "Histogram":
+        """:meth:`merge_` on the CPU: the scalars compared as Python floats, the 0-dim
+        tensors of the winning side kept (NaN wins, as in ``torch.minimum``)."""
+        r_self, r_other = float(self.range), float(other.range)
+        if r_self == r_other:
+            self.counts = self.counts + other.counts
+        elif r_self > r_other:
+            self.counts = self.counts + other.rebinned(self.range)
+        else:
+            self.counts = self.rebinned(other.range) + other.counts
+            self.range = other.range
+        lo_self, lo_other = float(self.min), float(other.min)
+        if lo_other < lo_self or (math.isnan(lo_other) and not math.isnan(lo_self)):
+            self.min = other.min
+        hi_self, hi_other = float(self.max), float(other.max)
+        if hi_other > hi_self or (math.isnan(hi_other) and not math.isnan(hi_self)):
+            self.max = other.max
+        if not bool(other.finite):
+            self.finite = other.finite
         self.numel += other.numel
         return self
 

@@ -22,6 +22,7 @@ __all__ = [
     "STRATEGIES",
     "compute_amax",
     "entropy_amax",
+    "entropy_amax_batch",
     "minmax_amax",
     "mse_amax",
     "percentile_amax",
@@ -421,48 +422,95 @@ def entropy_amax(
     Raises:
         CalibrationError: (a ``ValueError``) on malformed shapes or options.
     """
-    levels = _positive_int(num_levels, "num_levels")
-    start = _positive_int(start_bin, "start_bin")
-    step = _positive_int(stride, "stride")
     c_raw, e = _histogram(counts, edges)
-    n_bins = c_raw.numel()
-    zero = torch.zeros((), dtype=torch.float64, device=e.device)
-    raw_total = c_raw.sum()
-    if n_bins < start:
-        return _scalar(torch.where(raw_total > 0, e[-1], zero))
+    options = _entropy_options(num_levels, start_bin, stride)
+    return _scalar(_entropy_rows(c_raw[None], e[None], *options, copy_first_bin)[0])
 
-    c = torch.cat([c_raw[1:2], c_raw[1:]]) if (copy_first_bin and n_bins >= 2) else c_raw
+
+def entropy_amax_batch(
+    counts: torch.Tensor,
+    edges: torch.Tensor,
+    *,
+    num_levels: int = 128,
+    start_bin: int = 128,
+    stride: int = 1,
+    copy_first_bin: bool = True,
+) -> list[float]:
+    """:func:`entropy_amax` of every row of ``counts`` (``T x N``) and ``edges``
+    (``T x (N + 1)``) at once: the same picks, bit for bit, with one set of operations for
+    all ``T`` histograms (a calibration's taps) instead of one per histogram.
+
+    Raises:
+        CalibrationError: (a ``ValueError``) on malformed shapes or options.
+    """
+    options = _entropy_options(num_levels, start_bin, stride)
+    if not isinstance(counts, torch.Tensor) or not isinstance(edges, torch.Tensor) or counts.dim() != 2 \
+            or edges.dim() != 2 or edges.shape != (counts.shape[0], counts.shape[1] + 1) or counts.shape[1] < 1:
+        raise CalibrationError(f"counts (T, N >= 1) and edges (T, N + 1) tensors expected, got "
+                               f"{tuple(getattr(counts, 'shape', ()))} and {tuple(getattr(edges, 'shape', ()))}")
+    if counts.shape[0] == 0:
+        return []
+    device = _compute_device(counts)
+    c_raw = counts.detach().to(device).to(torch.float64)
+    e = edges.detach().to(device).to(torch.float64)
+    return _entropy_rows(c_raw, e, *options, copy_first_bin).tolist()
+
+
+def _entropy_options(num_levels: Any, start_bin: Any, stride: Any) -> tuple[int, int, int]:
+    return (_positive_int(num_levels, "num_levels"), _positive_int(start_bin, "start_bin"),
+            _positive_int(stride, "stride"))
+
+
+def _entropy_rows(c_raw: torch.Tensor, e: torch.Tensor, levels: int, start: int, step: int,
+                  copy_first_bin: bool) -> torch.Tensor:
+    """The entropy pick of every row of ``c_raw`` (``T x N`` float64) with edges ``e``
+    (``T x (N + 1)``): a ``(T,)`` float64 tensor (see :func:`entropy_amax`; no host read).
+
+    The work runs on columns (``N x T``: a gather of bins takes whole rows of ``T``
+    values), except the sum over each candidate's levels, which runs per histogram on
+    contiguous rows (the same summation order for one histogram or many).
+    """
+    n_bins, rows = c_raw.shape[1], c_raw.shape[0]
+    zero = torch.zeros((), dtype=torch.float64, device=e.device)
+    raw_total = c_raw.sum(1)
+    if n_bins < start:
+        return torch.where(raw_total > 0, e[:, -1], zero)
+
+    c = torch.cat([c_raw[:, 1:2], c_raw[:, 1:]], 1) if (copy_first_bin and n_bins >= 2) else c_raw
+    c = c.t().contiguous()  # (N, T)
     dev = c.device
     index = _entropy_index(n_bins, start, step, levels, dev)
     # Prefix sums, entry k = sum over bins j < k.
-    pad = torch.zeros(1, dtype=torch.float64, device=dev)
+    pad = torch.zeros(1, rows, dtype=torch.float64, device=dev)
     mass = torch.cat([pad, torch.cumsum(c, 0)])  # S_k
     nonempty = torch.cat([pad, torch.cumsum((c > 0).to(torch.float64), 0)])  # exact ints
     clogc = torch.cat([pad, torch.cumsum(_xlogy(c, c), 0)])  # H_k
     total = mass[-1]
 
+    def take(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, i)
+
     # g = M log(M / n) of every distinct level bin range (the pair table), then
-    # sum_l g_l of every candidate: one (K, L) gather of that table (in row blocks, see
-    # _row_blocks). Each g is computed once however many candidates share its range.
-    level_mass = mass.index_select(0, index.pair_hi) - mass.index_select(0, index.pair_lo)  # M (exact)
-    level_nonempty = (nonempty.index_select(0, index.pair_hi) - nonempty.index_select(0, index.pair_lo)).clamp_min_(1.0)
+    # sum_l g_l of every candidate: one (K, L) gather of that table per histogram (in
+    # blocks of candidates, see _row_blocks). Each g is computed once however many
+    # candidates share its range.
+    level_mass = take(mass, index.pair_hi) - take(mass, index.pair_lo)  # M (exact)
+    level_nonempty = (take(nonempty, index.pair_hi) - take(nonempty, index.pair_lo)).clamp_min_(1.0)
     ratio = level_nonempty.reciprocal_().mul_(level_mass).clamp_min_(_TINY)  # M / n (n = 0 only if M = 0)
-    pair_g = _log_(ratio).mul_(level_mass)
-    rows = _row_blocks(index.candidates.numel(), levels, dev)
-    g_parts = [pair_g.index_select(0, block).view(-1, levels).sum(1) for block in index.levels.split(rows * levels)]
-    g = torch.cat(g_parts) if len(g_parts) > 1 else g_parts[0]
+    pair_g = _log_(ratio).mul_(level_mass).t().contiguous()  # (T, P)
+    blocks = index.levels.split(_row_blocks(index.candidates.numel(), levels, dev) * levels)
+    g = torch.stack([torch.cat([take(table, b).view(-1, levels).sum(1) for b in blocks]) for table in pair_g], 1)
 
     cand = index.candidates
-    take = torch.index_select
-    q_last = (take(mass, 0, index.last_hi) - take(mass, 0, index.last_lo)) / (
-        take(nonempty, 0, index.last_hi) - take(nonempty, 0, index.last_lo)
+    q_last = (take(mass, index.last_hi) - take(mass, index.last_lo)) / (
+        take(nonempty, index.last_hi) - take(nonempty, index.last_lo)
     ).clamp_min_(1.0)
-    kept = take(mass, 0, cand)  # S_i
+    kept = take(mass, cand)  # S_i, (K, T)
     outliers = total - kept  # R_i
-    c_last = take(c, 0, index.last_bin)
+    c_last = take(c, index.last_bin)
     folded = c_last + outliers
     t_kl = (
-        take(clogc, 0, cand)
+        take(clogc, cand)
         - g
         + _xlogy(folded, folded)
         - _xlogy(c_last, c_last)
@@ -473,10 +521,23 @@ def entropy_amax(
     unrepresentable = (kept <= 0) | ((c_last <= 0) & (outliers > 0)) | torch.isnan(kl)
     kl = torch.where(unrepresentable, torch.full_like(kl, math.inf), kl)
 
-    best = _last_argmin(kl, _KL_TIE)
-    amax = _at(e, start + best * step)
-    amax = torch.where(total > 0, amax, _minmax_tensor(c_raw, e))
-    return _scalar(torch.where(raw_total > 0, amax, zero))
+    best = _last_argmin_columns(kl, _KL_TIE)
+    amax = e.gather(1, (start + best * step)[:, None])[:, 0]
+    amax = torch.where(total > 0, amax, _minmax_rows(c_raw, e))
+    return torch.where(raw_total > 0, amax, zero)
+
+
+def _last_argmin_columns(values: torch.Tensor, tie: float) -> torch.Tensor:
+    """:func:`_last_argmin` of every column of a 2-D tensor: ``(T,)`` int64."""
+    position = torch.arange(values.shape[0], device=values.device)[:, None]
+    return torch.where(values <= values.min(0).values + tie, position, -1).max(0).values
+
+
+def _minmax_rows(c: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """:func:`_minmax_tensor` of every row: ``(T,)``."""
+    position = torch.arange(1, c.shape[1] + 1, device=c.device)
+    last = torch.where(c > 0, position, torch.zeros_like(position)).max(1).values
+    return torch.where(last > 0, e.gather(1, last[:, None])[:, 0], torch.zeros_like(e[:, 0]))
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import FileFormatError, NonFiniteActivationError
+import torch
+
+from ..errors import CalibrationError, FileFormatError, NonFiniteActivationError
 from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
 from .histogram import Histogram
-from .strategies import compute_amax
+from .strategies import compute_amax, entropy_amax_batch
 from .taps import TapInfo
 
 __all__ = ["CalibrationTable", "TapRange", "ZERO_TAP_AMAX", "ranges_from_histograms"]
@@ -249,18 +251,19 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
             f"NaN or Inf activations in {len(bad)} tap(s): {', '.join(bad[:10])}"
             + (" ..." if len(bad) > 10 else "") + "; fix the model or the data (no table was written)"
         )
-    ranges = {}
     overrides = dict(overrides or {})
-    picked: dict[tuple, tuple[float, str, str]] = {}  # taps sharing one histogram search once
+    keys: dict[str, tuple] = {}
+    unique: dict[tuple, tuple[Histogram, str]] = {}  # taps sharing one histogram search once
     for name, h in histograms.items():
-        amax = 0.0
-        tap_method = overrides.get(name, method)
-        note = ""
         if h.numel:
+            tap_method = overrides.get(name, method)
             key = (tap_method, h.max_abs(), float(h.range), hashlib.sha256(h.counts.cpu().numpy().tobytes()).digest())
-            if key not in picked:
-                picked[key] = _pick(h, tap_method, options if tap_method == method else {})
-            amax, tap_method, note = picked[key]
+            keys[name] = key
+            unique.setdefault(key, (h, tap_method))
+    picked = _pick_all(unique, method, options)
+    ranges = {}
+    for name, h in histograms.items():
+        amax, tap_method, note = picked[keys[name]] if name in keys else (0.0, overrides.get(name, method), "")
         if not amax > 0.0:
             amax = ZERO_TAP_AMAX
         lo = float(h.min) if h.numel else 0.0
@@ -269,11 +272,36 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
     return ranges
 
 
-def _pick(h: Histogram, method: str, options: Mapping) -> tuple[float, str, str]:
-    """One histogram's ``(amax, method used, note)``: the strategy's pick, capped at the
-    exact largest |x|, or the fallback when the pick is degenerate."""
+def _pick_all(unique: Mapping[tuple, tuple[Histogram, str]], method: str,
+              options: Mapping) -> dict[tuple, tuple[float, str, str]]:
+    """``(amax, method used, note)`` of every distinct histogram. The entropy searches run
+    as one batch per bin count and device (:func:`entropy_amax_batch`), the others one by
+    one."""
+    raw: dict[tuple, float] = {}
+    batches: dict[tuple, list[tuple]] = {}
+    for key, (h, tap_method) in unique.items():
+        if tap_method == "entropy":
+            batches.setdefault((h.bins, h.device), []).append(key)
+    for group in batches.values():
+        counts, edges = zip(*(unique[key][0].abs_histogram() for key in group))
+        opts = options if method == "entropy" else {}
+        try:
+            picks = entropy_amax_batch(torch.stack(counts), torch.stack(edges), **opts)
+        except TypeError as exc:  # an option entropy does not take, said as compute_amax says it
+            raise CalibrationError(f"bad options for method 'entropy': {exc}") from None
+        raw.update(zip(group, picks))
+    return {key: _pick(h, tap_method, options if tap_method == method else {}, raw.get(key))
+            for key, (h, tap_method) in unique.items()}
+
+
+def _pick(h: Histogram, method: str, options: Mapping, raw: float | None = None) -> tuple[float, str, str]:
+    """One histogram's ``(amax, method used, note)``: the strategy's pick (``raw`` when
+    already computed), capped at the exact largest |x|, or the fallback when the pick is
+    degenerate."""
     counts, edges = h.abs_histogram()
-    amax = min(float(compute_amax(method, counts, edges, **options)), h.max_abs())
+    if raw is None:
+        raw = float(compute_amax(method, counts, edges, **options))
+    amax = min(raw, h.max_abs())
     clipped = _clipped_fraction(counts, edges, amax)
     if method in DEGENERATE_CHECKED and clipped > DEGENERATE_CLIP:
         note = (f"{method} picked {amax:.4g}, clipping {100 * clipped:.1f} % of the nonzero values "
