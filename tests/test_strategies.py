@@ -22,11 +22,13 @@ from torch_nvdla.calib.strategies import (
     STRATEGIES,
     compute_amax,
     entropy_amax,
+    entropy_amax_batch,
     minmax_amax,
     mse_amax,
     percentile_amax,
     threshold_to_percentile,
 )
+from torch_nvdla.errors import CalibrationError
 
 HYPOTHESIS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -602,3 +604,23 @@ def test_one_host_read_on_cuda(method):
         torch.cuda.set_sync_debug_mode(previous)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+def test_entropy_batch_is_entropy_of_each_row():
+    """``entropy_amax_batch`` picks, bit for bit, what ``entropy_amax`` picks on each row:
+    Gaussian, heavy-tailed, sparse, all-zero and zero-bin-only histograms, several ranges
+    and option sets."""
+    rng = np.random.default_rng(5)
+    for n in (2048, 300, 64):
+        rows = [np.histogram(np.abs(rng.standard_normal(20000)) * s, n, (0, 4))[0] for s in (0.3, 1.0, 2.5)]
+        rows += [np.histogram(np.abs(rng.standard_cauchy(20000)), n, (0, 30))[0],
+                 (rng.random(n) < 0.05) * rng.integers(1, 40, n), np.zeros(n, np.int64),
+                 np.eye(1, n, 0, dtype=np.int64)[0] * 7]
+        counts = torch.tensor(np.array(rows), dtype=torch.int64)
+        edges = torch.stack([torch.linspace(0.0, 2.0**k, n + 1, dtype=torch.float64) for k in range(len(rows))])
+        for options in ({}, {"start_bin": 1, "num_levels": 7}, {"stride": 3, "copy_first_bin": False}):
+            expected = [entropy_amax(counts[i], edges[i], **options) for i in range(len(rows))]
+            assert entropy_amax_batch(counts, edges, **options) == expected, (n, options)
+    assert entropy_amax_batch(torch.zeros(0, 8), torch.zeros(0, 9)) == []
+    with pytest.raises(CalibrationError, match="edges"):
+        entropy_amax_batch(torch.zeros(2, 8), torch.zeros(2, 8))
