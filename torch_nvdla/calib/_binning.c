@@ -25,8 +25,16 @@
 /* A sub-histogram bin counts at most FLUSH / WAYS values between flushes (< 2**32). */
 #define FLUSH ((int64_t)1 << 31)
 
+/* On x86-64 with GCC, an AVX2 clone of each kernel is chosen at load time on CPUs that
+ * have AVX2 (the same arithmetic, wider vectors); every other CPU runs the baseline. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
 #define DEFINE_COUNT(NAME, T)                                                               \
-    static void NAME(const T *x, int64_t n, int32_t bins, T pre, T step, uint32_t *ways,    \
+    CLONES static void NAME(const T *x, int64_t n, int32_t bins, T pre, T step, uint32_t *ways,    \
                      int64_t *counts) {                                                     \
         const int32_t width = 2 * bins;                                                     \
         const T hi = (T)(bins - 1); /* trunc(y) is the same for y in [hi, bins) */          \

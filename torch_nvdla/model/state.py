@@ -71,7 +71,7 @@ def hash_tensor(h, label: str, t: torch.Tensor) -> None:
     if t.layout != torch.strided:
         t = t.to_dense()
     t = t.detach().reshape(-1).cpu().contiguous()
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # (the buffer itself: no copy)
 
 
 def code_digest(fn: Any) -> str:
