@@ -213,8 +213,8 @@ class Histogram:
         # Counts of a non-finite tensor are meaningless (the caller reports the tap).
         counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
         f64 = torch.float64
-        return cls(counts, torch.tensor(r, dtype=f64), torch.tensor(lo, dtype=f64), torch.tensor(hi, dtype=f64),
-                   torch.tensor(finite), flat.numel())
+        return cls(counts, torch.scalar_tensor(r, dtype=f64), torch.scalar_tensor(lo, dtype=f64),
+                   torch.scalar_tensor(hi, dtype=f64), torch.scalar_tensor(finite, dtype=torch.bool), flat.numel())
 
     def rebinned(self, new_range: torch.Tensor) -> torch.Tensor:
         """Counts at a larger power-of-two range ``new_range >= self.range``.
@@ -296,8 +296,13 @@ class Histogram:
         counts = self.counts.clone()
         counts[bins] += counts[:bins].sum()
         counts[:bins] = 0
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         empty = self.numel == 0
+        if self.device.type == "cpu":  # the extremes as Python floats: no tensor scalar ops
+            lo, hi = (v if empty else max(v, 0.0) for v in (float(self.min), float(self.max)))
+            f64 = torch.float64
+            return Histogram(counts, self.range.clone(), torch.scalar_tensor(lo, dtype=f64),
+                             torch.scalar_tensor(hi, dtype=f64), self.finite.clone(), self.numel)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         return Histogram(
             counts,
             self.range.clone(),
@@ -316,6 +321,8 @@ class Histogram:
         """
         if self.numel == 0:
             return True
+        if self.device.type == "cpu":
+            return _pow2_above_float(max(float(self.max), 0.0)) == float(self.range)
         return bool(_pow2_above(self.max.clamp_min(0.0)) == self.range)
 
     def abs_histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
