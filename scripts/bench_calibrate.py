@@ -25,6 +25,14 @@ Usage::
     python scripts/bench_calibrate.py --models resnet18 --num-images 100 --json
     python scripts/bench_calibrate.py --device cuda --threads 8
     python scripts/bench_calibrate.py --models resnet50 --profile   # where calibrate's time goes
+    python scripts/bench_calibrate.py --models resnet50 --cli --no-memory  # + torch-nvdla export / evaluate
+
+``--cli`` also runs the whole ``torch-nvdla export`` and ``torch-nvdla evaluate`` (entropy,
+fake-quant and NVDLA-integer simulation) commands on the model with ``--num-images``
+calibration images, each in a fresh process (start-up included), and reports their wall
+time next to the in-process forward over the same number of images. Histogram binning
+runs in the C kernel when it is built, else in torch operations (the table says which;
+``TORCH_NVDLA_BINNING=torch`` forces the torch path for a side-by-side run).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -50,11 +59,12 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from torch_nvdla import calibrate  # noqa: E402
+from torch_nvdla.calib.histogram import BINNING  # noqa: E402
 
 __all__ = ["main"]
 
 MODELS = ("caffe-lenet", "cifar-resnet20", "cifar-resnet56", "resnet18", "resnet50", "mobilenet_v2")
-DEFAULT_MODELS = ("cifar-resnet20", "resnet18", "resnet50")
+DEFAULT_MODELS = ("caffe-lenet", "cifar-resnet20", "cifar-resnet56", "mobilenet_v2", "resnet50")
 TIME_TARGET = {"cpu": 1.5, "cuda": 1.2}
 MEMORY_TARGET = 1.1
 
@@ -105,7 +115,9 @@ class Result:
     calibrate_added_mib: float | None = None
     memory_target: float = MEMORY_TARGET
     taps: int = 0
+    binning: str = ""
     peers: dict[str, float] = field(default_factory=dict)
+    cli: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -153,6 +165,51 @@ def load_workload(name: str, n: int, batch_size: int, device: torch.device) -> W
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = model.eval().to(device)
     return Workload(name, model, [b.to(device) for b in batches], source)
+
+
+def random_imagenet_splits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A ``--data`` entry point for the CLI timing (``bench_calibrate:random_imagenet_splits``):
+    ``$BENCH_CALIB_IMAGES`` calibration and ``$BENCH_EVAL_IMAGES`` evaluation images, random
+    224x224 (the torchvision models here have random weights: the accuracies are noise,
+    the times are not)."""
+    n_cal, n_eval = int(os.environ.get("BENCH_CALIB_IMAGES", "500")), int(os.environ.get("BENCH_EVAL_IMAGES", "100"))
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(n_cal + n_eval, 3, 224, 224, generator=g)
+    labels = torch.randint(0, 1000, (n_cal + n_eval,), generator=g)
+    return (images[:n_cal], labels[:n_cal]), (images[n_cal:], labels[n_cal:])
+
+
+_CLI_MODELS = {"resnet18": "torchvision.models:resnet18", "resnet50": "torchvision.models:resnet50",
+               "mobilenet_v2": "torchvision.models:mobilenet_v2"}
+
+
+def cli_passes(name: str, calib_images: int, eval_images: int, batch_size: int, threads: int) -> dict[str, float]:
+    """Wall seconds of ``torch-nvdla export`` and ``torch-nvdla evaluate`` on a torchvision
+    model, each a fresh process (Python and torch start-up included)."""
+    import tempfile
+
+    model = _CLI_MODELS[name]
+    data = "bench_calibrate:random_imagenet_splits"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), str(_ROOT)]),
+           "BENCH_CALIB_IMAGES": str(calib_images), "BENCH_EVAL_IMAGES": str(eval_images),
+           "OMP_NUM_THREADS": str(threads)}
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        commands = {
+            "export": ["export", "--model", model, "--data", data, "--num-images", str(calib_images),
+                       "--batch-size", str(batch_size), "-o", str(Path(tmp) / "calib.json")],
+            "evaluate": ["evaluate", "--model", model, "--data", data, "--calib-images", str(calib_images),
+                         "--eval-images", str(eval_images), "--methods", "entropy", "--simulations", "fake,nvdla",
+                         "--batch-size", str(batch_size)],
+        }
+        for what, argv in commands.items():
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", "import sys; from torch_nvdla.cli import main; sys.exit(main())", *argv], env=env, capture_output=True,
+                                  text=True)
+            out[what] = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(f"torch-nvdla {what} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
+    return out
 
 
 # --------------------------------------------------------------------------- passes
@@ -386,6 +443,18 @@ def print_results(results: list[Result]) -> None:
                 f = r.peers["forward"]
                 p.add_row(r.model, f"{f:.2f}", *[f"{r.peers[k] / f:.2f}x" if k in r.peers else "-" for k in names])
         console.print(p)
+    if any(r.cli for r in results):
+        c = Table(title="whole commands (fresh processes, start-up included), x the in-process forward")
+        for col in ("model", "calibration images", "forward s", "export s", "evaluate s"):
+            c.add_column(col, justify="left" if col == "model" else "right")
+        for r in results:
+            if r.cli:
+                c.add_row(r.model, str(r.images), f"{r.forward_s:.1f}",
+                          *[f"{r.cli[k]:.1f} ({r.cli[k] / r.forward_s:.2f}x)" for k in ("export", "evaluate")])
+        console.print(c)
+    binning = sorted({r.binning for r in results if r.binning})
+    if binning:
+        console.print(f"[dim]CPU histogram binning: {', '.join(binning)} (torch_nvdla.calib.histogram.BINNING)[/]")
     for r in results:
         for note in r.notes:
             console.print(f"[dim]{r.model}: {note}[/]")
@@ -409,6 +478,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--profile", action="store_true", help="print an operator profile of calibrate")
+    p.add_argument("--cli", action="store_true",
+                   help=f"also time torch-nvdla export and evaluate as commands ({', '.join(_CLI_MODELS)} only)")
+    p.add_argument("--eval-images", type=int, default=100, help="evaluation images of --cli's evaluate (default 100)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     return p
@@ -437,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (fwd, fwd_cpu), (cal, cal_cpu), taps = time_passes(w, args.repeats, device)
         r = Result(name, str(device), w.source, w.images, args.batch_size, args.threads, fwd, cal,
                    cal / fwd, TIME_TARGET.get(device.type, 1.5), args.memory_batch,
-                   fwd_cpu, cal_cpu, cal_cpu / fwd_cpu, taps=taps)
+                   fwd_cpu, cal_cpu, cal_cpu / fwd_cpu, taps=taps, binning=BINNING if device.type == "cpu" else "")
         if not args.no_memory:
             print(f"{name}: peak memory at batch {args.memory_batch}...", file=sys.stderr)
             if device.type == "cuda":
@@ -456,6 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.peers = peer_passes(w, args.repeats, device)
         if args.profile:
             print(profile_calibrate(w, min(2, len(w.batches))), file=sys.stderr)
+        if args.cli and name in _CLI_MODELS and device.type == "cpu":
+            print(f"{name}: torch-nvdla export / evaluate...", file=sys.stderr)
+            r.cli = cli_passes(name, args.num_images, args.eval_images, args.batch_size, args.threads)
         results.append(r)
         del w
         gc.collect()

@@ -330,3 +330,18 @@ def test_cpu_binning_paths_agree_on_a_large_tensor():
             assert int(got.sum()) == x.numel() and int(got[2048]) == int((x < r / 2048).sum())
     strided = x[::3]  # not contiguous: the wrapper makes it so
     assert torch.equal(histogram._count_cpu_native(strided, 256, 64.0), histogram._count_cpu_torch(strided, 256, 64.0))
+
+
+def test_rebinning_merges_runs_of_two_to_the_k_bins():
+    """Rebinning to ``2**k`` times the range sends bin ``b`` to ``bins + ((b - bins) >> k)``
+    (checked bin by bin with Python integers), for every ``k`` up to past the last run."""
+    g = torch.Generator().manual_seed(3)
+    for bins in (1, 2, 8, 256):
+        for k in range(0, bins.bit_length() + 2):
+            h = Histogram.empty(bins)
+            h.counts = torch.randint(0, 1000, (2 * bins,), generator=g)
+            h.range = torch.tensor(4.0, dtype=torch.float64)
+            expected = [0] * (2 * bins)
+            for b, c in enumerate(h.counts.tolist()):
+                expected[bins + ((b - bins) >> k)] += c
+            assert h.rebinned(torch.tensor(4.0 * 2**k, dtype=torch.float64)).tolist() == expected, (bins, k)

@@ -224,14 +224,29 @@ class Histogram:
         negative side. At the same range (on the CPU) this is ``counts`` itself: read only.
         """
         bins = self.bins
-        if self.device.type == "cpu" and float(new_range) == float(self.range):
-            return self.counts  # same grid (the usual case once the range settled)
+        if self.device.type == "cpu":
+            return self._rebinned_cpu(float(new_range))
         k = torch.round(torch.log2(new_range / self.range)).to(torch.int64)
         k = k.clamp(0, int(math.log2(bins)) + 1)
         offset = torch.arange(-bins, bins, device=self.device, dtype=torch.int64)
         index = bins + torch.bitwise_right_shift(offset, k)
         out = torch.zeros_like(self.counts)
         return out.index_add_(0, index, self.counts)
+
+    def _rebinned_cpu(self, new_range: float) -> torch.Tensor:
+        """:meth:`rebinned` on the CPU. With ``g = 2**k`` bins merging (``k`` at most
+        ``log2(bins)``, where every offset already maps to -1 or 0), the ``2 bins / g``
+        aligned runs of ``g`` bins are the new bins ``bins - bins/g .. bins + bins/g - 1``."""
+        bins, old = self.bins, float(self.range)
+        if new_range == old:
+            return self.counts  # same grid (the usual case once the range settled)
+        ratio = new_range / old
+        top = bins.bit_length() - 1
+        k = min(max(round(math.log2(ratio)), 0), top) if math.isfinite(ratio) else top
+        runs = 2 * bins >> k
+        out = torch.zeros_like(self.counts)
+        out[bins - runs // 2:bins + runs // 2] = self.counts.view(runs, 1 << k).sum(1)
+        return out
 
     def merge_(self, other: "Histogram") -> "Histogram":
         """Add ``other``'s counts into this histogram in place (the union of the data)."""
