@@ -332,6 +332,51 @@ def test_cpu_binning_paths_agree_on_a_large_tensor():
     assert torch.equal(histogram._count_cpu_native(strided, 256, 64.0), histogram._count_cpu_torch(strided, 256, 64.0))
 
 
+def test_native_binning_split_over_threads_counts_the_same():
+    """The C kernel's parts (one per OpenMP thread) add up to the one-thread counts, for
+    float32 and float64 values, a bin count whose scratch is kept between calls and one
+    whose scratch is allocated per call; and one that fits in no part costs no thread."""
+    from torch_nvdla.calib import histogram
+
+    if histogram._native is None:
+        pytest.skip("the C binning kernel is not built here (no C compiler at install): torch path only")
+    if not histogram._native.openmp():
+        pytest.skip("the C binning kernel was built without OpenMP here: it runs on one thread")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(700_001, generator=g) * 3  # |x| < 32
+    for dtype in (torch.float32, torch.float64):
+        v = x.to(dtype)
+        for bins in (2048, 1 << 17):
+            pre, step = histogram._scaling(bins, 32.0)
+            counts = {}
+            for threads in (1, 2, 3):
+                c = torch.zeros(2 * bins, dtype=torch.int64)
+                histogram._native.count(v.data_ptr(), v.numel(), dtype == torch.float64, bins, pre, step,
+                                        c.data_ptr(), threads)
+                counts[threads] = c
+            assert torch.equal(counts[2], counts[1]) and torch.equal(counts[3], counts[1]), (dtype, bins)
+            assert int(counts[1].sum()) == x.numel()
+            assert torch.equal(counts[1], histogram._count_cpu_torch(v, bins, 32.0))
+    with pytest.raises(ValueError, match="threads >= 1"):
+        histogram._native.count(x.data_ptr(), x.numel(), False, 2048, 1.0, 64.0, 0, 0)
+
+
+def test_native_kernel_threads_follow_torch_when_they_share_one_openmp_runtime():
+    from torch_nvdla.calib import histogram
+
+    if not histogram._SHARED_OPENMP:
+        assert histogram._native_threads() == 1
+        return
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert histogram._native_threads() == 1
+        torch.set_num_threads(2)
+        assert histogram._native_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rebinning_merges_runs_of_two_to_the_k_bins():
     """Rebinning to ``2**k`` times the range sends bin ``b`` to ``bins + ((b - bins) >> k)``
     (checked bin by bin with Python integers), for every ``k`` up to past the last run."""

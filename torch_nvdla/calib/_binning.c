@@ -10,12 +10,20 @@
  *
  * Built as an optional extension (setup.py); without it the torch path is used. Plain C99,
  * no target-specific flags: it runs on any x86-64 (or other) CPU it was compiled on.
+ *
+ * Built with OpenMP where the compiler has it: a large buffer is then split into
+ * contiguous parts counted by the threads of the OpenMP runtime already loaded (torch's,
+ * whose workers are still spinning after the layer that made the tensor), each into its
+ * own sub-histograms; integer counts, so the sum is the same in any order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Increments rotate over WAYS sub-histograms so that runs of equal values (the zeros of a
  * ReLU) do not wait on each other; BLOCK indices are computed (vectorisably) before they
@@ -78,37 +86,133 @@ static void flush(uint32_t *ways, int32_t width, int64_t *counts) {
 DEFINE_COUNT(count_float, float)
 DEFINE_COUNT(count_double, double)
 
+/* Below this many values per thread a part is not worth a thread. */
+#ifndef MIN_PER_THREAD
+#define MIN_PER_THREAD ((int64_t)1 << 16)
+#endif
+
+#if defined(_MSC_VER)
+#define THREAD_LOCAL __declspec(thread)
+#else
+#define THREAD_LOCAL _Thread_local
+#endif
+
+/* Each thread keeps its zeroed scratch (sub-histograms; the counts of its part of a split
+ * buffer) between calls, so that a call neither allocates nor zeroes it: a flush leaves
+ * the sub-histograms zero, and a part's counts are zeroed once added. Scratch above
+ * KEEP_BYTES (an unusually large bin count) is allocated per call instead. */
+#define KEEP_BYTES ((size_t)1 << 21)
+static THREAD_LOCAL void *kept[2] = {NULL, NULL};
+static THREAD_LOCAL size_t kept_bytes[2] = {0, 0};
+
+/* Zeroed scratch of `bytes` for use `which` (0: sub-histograms, 1: part counts), or NULL. */
+static void *scratch(int which, size_t bytes) {
+    if (bytes > KEEP_BYTES) return calloc(bytes, 1);
+    if (kept_bytes[which] < bytes) {
+        void *bigger = calloc(bytes, 1);
+        if (bigger == NULL) return NULL;
+        free(kept[which]);
+        kept[which] = bigger;
+        kept_bytes[which] = bytes;
+    }
+    return kept[which];
+}
+
+/* Give scratch back (it must be zero again). */
+static void release(void *p, size_t bytes) {
+    if (bytes > KEEP_BYTES) free(p);
+}
+
+/* Count n values into counts (2 * bins int64) in one thread. Returns 0, or -1 when out of
+ * memory (counts untouched). */
+static int count_serial(const void *data, int64_t n, int wide, int32_t bins, double pre, double step,
+                        int64_t *counts) {
+    const size_t bytes = (size_t)WAYS * 2 * (size_t)bins * sizeof(uint32_t);
+    uint32_t *ways = scratch(0, bytes);
+    if (ways == NULL) return -1;
+    if (wide)
+        count_double((const double *)data, n, bins, pre, step, ways, counts);
+    else
+        count_float((const float *)data, n, bins, (float)pre, (float)step, ways, counts);
+    release(ways, bytes);
+    return 0;
+}
+
+/* count_serial over up to `threads` contiguous parts. Returns 0 or -1 (out of memory;
+ * counts may then hold part of the counts). */
+static int count_parts(const void *data, int64_t n, int wide, int32_t bins, double pre, double step,
+                       int64_t *counts, int threads) {
+    int64_t most = n / MIN_PER_THREAD;
+    if (threads > most) threads = (int)most;
+#ifdef _OPENMP
+    if (threads > 1) {
+        int failed = 0;
+        const size_t size = wide ? sizeof(double) : sizeof(float);
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t k = omp_get_thread_num(), t = omp_get_num_threads();
+            const int64_t lo = n * k / t, hi = n * (k + 1) / t;
+            const size_t bytes = (size_t)2 * bins * sizeof(int64_t);
+            int64_t *part = scratch(1, bytes);
+            int bad = part == NULL ||
+                      count_serial((const char *)data + lo * size, hi - lo, wide, bins, pre, step, part) != 0;
+#pragma omp critical(torch_nvdla_binning)
+            {
+                if (bad)
+                    failed = 1;
+                else
+                    for (int32_t b = 0; b < 2 * bins; b++) counts[b] += part[b];
+            }
+            if (part != NULL) {
+                memset(part, 0, bytes);
+                release(part, bytes);
+            }
+        }
+        return failed ? -1 : 0;
+    }
+#else
+    (void)threads;
+#endif
+    return count_serial(data, n, wide, bins, pre, step, counts);
+}
+
 PyDoc_STRVAR(count_doc,
-"count(data_ptr, n, wide, bins, pre, step, counts_ptr)\n\n"
+"count(data_ptr, n, wide, bins, pre, step, counts_ptr, threads=1)\n\n"
 "Add the signed bin counts of n contiguous values at data_ptr (float64 when wide, else\n"
-"float32) to the 2 * bins int64 counts at counts_ptr. The GIL is released meanwhile.");
+"float32) to the 2 * bins int64 counts at counts_ptr, using up to `threads` OpenMP\n"
+"threads for large buffers. The GIL is released meanwhile.");
 
 static PyObject *count(PyObject *self, PyObject *args) {
     unsigned long long data, out;
     Py_ssize_t n;
-    int wide, bins;
+    int wide, bins, threads = 1, rc;
     double pre, step;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KnpiddK", &data, &n, &wide, &bins, &pre, &step, &out)) return NULL;
-    if (n < 0 || bins < 1 || bins > (1 << 24)) {
-        PyErr_SetString(PyExc_ValueError, "count: n must be >= 0 and bins in [1, 2**24]");
+    if (!PyArg_ParseTuple(args, "KnpiddK|i", &data, &n, &wide, &bins, &pre, &step, &out, &threads)) return NULL;
+    if (n < 0 || bins < 1 || bins > (1 << 24) || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "count: n must be >= 0, bins in [1, 2**24] and threads >= 1");
         return NULL;
     }
-    uint32_t *ways = calloc((size_t)WAYS * 2 * (size_t)bins, sizeof(uint32_t));
-    if (ways == NULL) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    if (wide)
-        count_double((const double *)(uintptr_t)data, n, bins, pre, step, ways, (int64_t *)(uintptr_t)out);
-    else
-        count_float((const float *)(uintptr_t)data, n, bins, (float)pre, (float)step, ways,
-                    (int64_t *)(uintptr_t)out);
+    rc = count_parts((const void *)(uintptr_t)data, n, wide, bins, pre, step, (int64_t *)(uintptr_t)out, threads);
     Py_END_ALLOW_THREADS
-    free(ways);
+    if (rc != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *openmp(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
 }
 
 static PyMethodDef methods[] = {
     {"count", count, METH_VARARGS, count_doc},
+    {"openmp", openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
     {NULL, NULL, 0, NULL},
 };
 

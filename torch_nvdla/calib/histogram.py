@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,30 @@ __all__ = ["BINNING", "Histogram", "HistogramObserver"]
 #: few vectorised torch operations and ``bincount`` per chunk). The same bins either way;
 #: ``TORCH_NVDLA_BINNING=torch`` forces the torch path.
 BINNING = "native" if _native is not None and os.environ.get("TORCH_NVDLA_BINNING", "") != "torch" else "torch"
+
+
+def _one_openmp_runtime() -> bool:
+    """The C kernel was built with OpenMP and exactly one OpenMP runtime is loaded (Linux):
+    then its threads are torch's own, already running, and splitting a tensor over them
+    oversubscribes nothing. Anywhere else the kernel runs on the calling thread."""
+    if _native is None or not _native.openmp():
+        return False
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            runtimes = {line.split()[-1] for line in maps if _OPENMP_LIBRARY.search(line)}
+    except OSError:
+        return False
+    return len(runtimes) == 1
+
+
+_OPENMP_LIBRARY = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.so[^/]*$")
+_SHARED_OPENMP = _one_openmp_runtime()
+
+
+def _native_threads() -> int:
+    """Threads the C kernel may split one tensor over: torch's intra-op threads when it
+    shares their OpenMP runtime, else 1."""
+    return torch.get_num_threads() if _SHARED_OPENMP else 1
 
 # Elements binned per step on the CPU: large enough that per-operation overhead does not
 # dominate small layers, small enough that the scratch (12 bytes an element) stays modest.
@@ -68,7 +93,8 @@ def _count_cpu_native(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
     flat = flat.contiguous()
     counts = torch.zeros(2 * bins, dtype=torch.int64)
     pre, step = _scaling(bins, r)
-    _native.count(flat.data_ptr(), flat.numel(), flat.dtype == torch.float64, bins, pre, step, counts.data_ptr())
+    _native.count(flat.data_ptr(), flat.numel(), flat.dtype == torch.float64, bins, pre, step, counts.data_ptr(),
+                  _native_threads())
     return counts
 
 
