@@ -377,6 +377,21 @@ def test_native_kernel_threads_follow_torch_when_they_share_one_openmp_runtime()
         torch.set_num_threads(before)
 
 
+def test_openmp_runtimes_are_found_in_a_memory_map():
+    """The kernel splits a tensor only when one OpenMP runtime is mapped: torch's libgomp
+    (mapped several times) is one; a second runtime beside it makes two."""
+    from torch_nvdla.calib.histogram import _openmp_runtimes
+
+    torch_gomp = "/venv/site-packages/torch/lib/libgomp.so.1"
+    lines = [f"7f00-7f10 r-xp 00000000 08:01 42 {torch_gomp}\n", f"7f10-7f20 r--p 00010000 08:01 42 {torch_gomp}\n",
+             "7f20-7f30 r-xp 00000000 08:01 43 /usr/lib/libgompish-helper.txt\n",
+             "7f30-7f40 rw-p 00000000 00:00 0 \n", "7f40-7f50 r-xp 00000000 08:01 44 /usr/lib/libtorch_cpu.so\n"]
+    assert _openmp_runtimes(lines) == {torch_gomp}
+    lines.append("7f50-7f60 r-xp 00000000 08:01 45 /opt/intel/lib/libiomp5.so\n")
+    assert _openmp_runtimes(lines) == {torch_gomp, "/opt/intel/lib/libiomp5.so"}
+    assert _openmp_runtimes(["7f60-7f70 r-xp 0 08:01 46 /usr/lib/x86_64-linux-gnu/libgomp-a34b3233.so.1\n"])
+
+
 def test_rebinning_merges_runs_of_two_to_the_k_bins():
     """Rebinning to ``2**k`` times the range sends bin ``b`` to ``bins + ((b - bins) >> k)``
     (checked bin by bin with Python integers), for every ``k`` up to past the last run."""

@@ -25,6 +25,15 @@ __all__ = ["BINNING", "Histogram", "HistogramObserver"]
 BINNING = "native" if _native is not None and os.environ.get("TORCH_NVDLA_BINNING", "") != "torch" else "torch"
 
 
+def _openmp_runtimes(maps_lines) -> set[str]:
+    """The OpenMP runtime libraries (libgomp, libiomp5, libomp) among ``/proc/<pid>/maps``
+    lines: each distinct file once."""
+    return {line.split()[-1] for line in maps_lines if _OPENMP_LIBRARY.search(line.rstrip())}
+
+
+_OPENMP_LIBRARY = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.so[^/]*$")
+
+
 def _one_openmp_runtime() -> bool:
     """The C kernel was built with OpenMP and exactly one OpenMP runtime is loaded (Linux):
     then its threads are torch's own, already running, and splitting a tensor over them
@@ -33,13 +42,11 @@ def _one_openmp_runtime() -> bool:
         return False
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            runtimes = {line.split()[-1] for line in maps if _OPENMP_LIBRARY.search(line)}
+            return len(_openmp_runtimes(maps)) == 1
     except OSError:
         return False
-    return len(runtimes) == 1
 
 
-_OPENMP_LIBRARY = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.so[^/]*$")
 _SHARED_OPENMP = _one_openmp_runtime()
 
 
