@@ -16,7 +16,7 @@ class BuildExt(build_ext):
     (``optional=True``)."""
 
     def build_extension(self, ext):
-        if sys.platform == "win32" or not set(_OPENMP) <= set(ext.extra_compile_args):
+        if not set(_OPENMP) <= set(ext.extra_compile_args):  # (Windows: built without OpenMP)
             return super().build_extension(ext)
         try:
             return super().build_extension(ext)

@@ -335,7 +335,7 @@ def test_cpu_binning_paths_agree_on_a_large_tensor():
 def test_native_binning_split_over_threads_counts_the_same():
     """The C kernel's parts (one per OpenMP thread) add up to the one-thread counts, for
     float32 and float64 values, a bin count whose scratch is kept between calls and one
-    whose scratch is allocated per call; and one that fits in no part costs no thread."""
+    whose scratch is allocated per call; and a thread count of 0 is refused."""
     from torch_nvdla.calib import histogram
 
     if histogram._native is None:

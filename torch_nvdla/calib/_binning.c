@@ -8,7 +8,7 @@
  * changes no truncation of a valid y and keeps any other value (a broken guarantee, NaN)
  * from indexing out of bounds.
  *
- * Built as an optional extension (setup.py); without it the torch path is used. Plain C99,
+ * Built as an optional extension (setup.py); without it the torch path is used. Plain C11,
  * no target-specific flags: it runs on any x86-64 (or other) CPU it was compiled on.
  *
  * Built with OpenMP where the compiler has it: a large buffer is then split into
@@ -87,9 +87,7 @@ DEFINE_COUNT(count_float, float)
 DEFINE_COUNT(count_double, double)
 
 /* Below this many values per thread a part is not worth a thread. */
-#ifndef MIN_PER_THREAD
 #define MIN_PER_THREAD ((int64_t)1 << 16)
-#endif
 
 #if defined(_MSC_VER)
 #define THREAD_LOCAL __declspec(thread)

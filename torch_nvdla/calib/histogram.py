@@ -25,13 +25,13 @@ __all__ = ["BINNING", "Histogram", "HistogramObserver"]
 BINNING = "native" if _native is not None and os.environ.get("TORCH_NVDLA_BINNING", "") != "torch" else "torch"
 
 
+_OPENMP_LIBRARY = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.so[^/]*$")
+
+
 def _openmp_runtimes(maps_lines) -> set[str]:
     """The OpenMP runtime libraries (libgomp, libiomp5, libomp) among ``/proc/<pid>/maps``
     lines: each distinct file once."""
     return {line.split()[-1] for line in maps_lines if _OPENMP_LIBRARY.search(line.rstrip())}
-
-
-_OPENMP_LIBRARY = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.so[^/]*$")
 
 
 def _one_openmp_runtime() -> bool:
@@ -54,6 +54,7 @@ def _native_threads() -> int:
     """Threads the C kernel may split one tensor over: torch's intra-op threads when it
     shares their OpenMP runtime, else 1."""
     return torch.get_num_threads() if _SHARED_OPENMP else 1
+
 
 # Elements binned per step on the CPU: large enough that per-operation overhead does not
 # dominate small layers, small enough that the scratch (12 bytes an element) stays modest.
