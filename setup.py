@@ -28,8 +28,8 @@ class BuildExt(build_ext):
 
 
 binning = Extension(
-    "torch_nvdla.calib._binning",
-    sources=["torch_nvdla/calib/_binning.c"],
+    "torch_nvdla.calib._kernels",
+    sources=["torch_nvdla/calib/_kernels.c"],
     # Portable code (no -march): the same build runs on every CPU of its architecture.
     extra_compile_args=[] if sys.platform == "win32" else ["-O3", "-std=c11", *_OPENMP],
     extra_link_args=[] if sys.platform == "win32" else list(_OPENMP),

@@ -32,7 +32,7 @@ fake-quant and NVDLA-integer simulation) commands on the model with ``--num-imag
 calibration images, each in a fresh process (start-up included), and reports their wall
 time next to the in-process forward over the same number of images. Histogram binning
 runs in the C kernel when it is built, else in torch operations (the table says which;
-``TORCH_NVDLA_BINNING=torch`` forces the torch path for a side-by-side run).
+``TORCH_NVDLA_KERNELS=torch`` forces the torch paths for a side-by-side run).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from torch_nvdla import calibrate  # noqa: E402
-from torch_nvdla.calib.histogram import BINNING  # noqa: E402
+from torch_nvdla.calib.native import KERNELS  # noqa: E402
 
 __all__ = ["main"]
 
@@ -454,7 +454,7 @@ def print_results(results: list[Result]) -> None:
         console.print(c)
     binning = sorted({r.binning for r in results if r.binning})
     if binning:
-        console.print(f"[dim]CPU histogram binning: {', '.join(binning)} (torch_nvdla.calib.histogram.BINNING)[/]")
+        console.print(f"[dim]CPU histogram binning: {', '.join(binning)} (torch_nvdla.calib.native.KERNELS)[/]")
     for r in results:
         for note in r.notes:
             console.print(f"[dim]{r.model}: {note}[/]")
@@ -509,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (fwd, fwd_cpu), (cal, cal_cpu), taps = time_passes(w, args.repeats, device)
         r = Result(name, str(device), w.source, w.images, args.batch_size, args.threads, fwd, cal,
                    cal / fwd, TIME_TARGET.get(device.type, 1.5), args.memory_batch,
-                   fwd_cpu, cal_cpu, cal_cpu / fwd_cpu, taps=taps, binning=BINNING if device.type == "cpu" else "")
+                   fwd_cpu, cal_cpu, cal_cpu / fwd_cpu, taps=taps, binning=("C kernels" if KERNELS else "torch") if device.type == "cpu" else "")
         if not args.no_memory:
             print(f"{name}: peak memory at batch {args.memory_batch}...", file=sys.stderr)
             if device.type == "cuda":

@@ -317,10 +317,10 @@ def test_observer_merge_and_reset(device):
 def test_cpu_binning_paths_agree_on_a_large_tensor():
     """Native and torch CPU binning on more values than one torch chunk (and than one native
     block), with runs of equal values (ReLU zeros) that the native kernel counts in rotation."""
-    from torch_nvdla.calib import histogram
+    from torch_nvdla.calib import histogram, native
 
-    if histogram._native is None:
-        pytest.skip("the C binning kernel is not built here (no C compiler at install): torch path only")
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1_300_001, generator=g).relu_() * 5  # |x| < 64: half zeros
     for dtype in (torch.float32, torch.float64):
@@ -336,12 +336,12 @@ def test_native_binning_split_over_threads_counts_the_same():
     """The C kernel's parts (one per OpenMP thread) add up to the one-thread counts, for
     float32 and float64 values, a bin count whose scratch is kept between calls and one
     whose scratch is allocated per call; and a thread count of 0 is refused."""
-    from torch_nvdla.calib import histogram
+    from torch_nvdla.calib import histogram, native
 
-    if histogram._native is None:
-        pytest.skip("the C binning kernel is not built here (no C compiler at install): torch path only")
-    if not histogram._native.openmp():
-        pytest.skip("the C binning kernel was built without OpenMP here: it runs on one thread")
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    if not native.kernels.openmp():
+        pytest.skip("the C kernels were built without OpenMP here: it runs on one thread")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(700_001, generator=g) * 3  # |x| < 32
     for dtype in (torch.float32, torch.float64):
@@ -351,28 +351,28 @@ def test_native_binning_split_over_threads_counts_the_same():
             counts = {}
             for threads in (1, 2, 3):
                 c = torch.zeros(2 * bins, dtype=torch.int64)
-                histogram._native.count(v.data_ptr(), v.numel(), dtype == torch.float64, bins, pre, step,
+                native.kernels.count(v.data_ptr(), v.numel(), dtype == torch.float64, bins, pre, step,
                                         c.data_ptr(), threads)
                 counts[threads] = c
             assert torch.equal(counts[2], counts[1]) and torch.equal(counts[3], counts[1]), (dtype, bins)
             assert int(counts[1].sum()) == x.numel()
             assert torch.equal(counts[1], histogram._count_cpu_torch(v, bins, 32.0))
     with pytest.raises(ValueError, match="threads >= 1"):
-        histogram._native.count(x.data_ptr(), x.numel(), False, 2048, 1.0, 64.0, 0, 0)
+        native.kernels.count(x.data_ptr(), x.numel(), False, 2048, 1.0, 64.0, 0, 0)
 
 
 def test_native_kernel_threads_follow_torch_when_they_share_one_openmp_runtime():
-    from torch_nvdla.calib import histogram
+    from torch_nvdla.calib import histogram, native
 
-    if not histogram._SHARED_OPENMP:
-        assert histogram._native_threads() == 1
+    if not native.SHARED_OPENMP:
+        assert native.threads() == 1
         return
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert histogram._native_threads() == 1
+        assert native.threads() == 1
         torch.set_num_threads(2)
-        assert histogram._native_threads() == 2
+        assert native.threads() == 2
     finally:
         torch.set_num_threads(before)
 
@@ -380,7 +380,7 @@ def test_native_kernel_threads_follow_torch_when_they_share_one_openmp_runtime()
 def test_openmp_runtimes_are_found_in_a_memory_map():
     """The kernel splits a tensor only when one OpenMP runtime is mapped: torch's libgomp
     (mapped several times) is one; a second runtime beside it makes two."""
-    from torch_nvdla.calib.histogram import _openmp_runtimes
+    from torch_nvdla.calib.native import openmp_runtimes as _openmp_runtimes
 
     torch_gomp = "/venv/site-packages/torch/lib/libgomp.so.1"
     lines = [f"7f00-7f10 r-xp 00000000 08:01 42 {torch_gomp}\n", f"7f10-7f20 r--p 00010000 08:01 42 {torch_gomp}\n",
@@ -398,10 +398,53 @@ def test_rebinning_merges_runs_of_two_to_the_k_bins():
     g = torch.Generator().manual_seed(3)
     for bins in (1, 2, 8, 256):
         for k in range(0, bins.bit_length() + 2):
-            h = Histogram.empty(bins)
-            h.counts = torch.randint(0, 1000, (2 * bins,), generator=g)
-            h.range = torch.tensor(4.0, dtype=torch.float64)
+            h = Histogram(torch.randint(0, 1000, (2 * bins,), generator=g), 4.0, -1.0, 1.0, True, 1)
             expected = [0] * (2 * bins)
             for b, c in enumerate(h.counts.tolist()):
                 expected[bins + ((b - bins) >> k)] += c
             assert h.rebinned(torch.tensor(4.0 * 2**k, dtype=torch.float64)).tolist() == expected, (bins, k)
+
+
+def test_native_extremes_equal_torch_aminmax():
+    """The C extremes (integer keys) give torch.aminmax's values for float32 and float64,
+    with infinities, NaN of either sign (then both NaN), signed zeros and denormals, on
+    one thread and split over several; an empty buffer is refused."""
+    from torch_nvdla.calib import native
+
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    g = torch.Generator().manual_seed(12)
+    cases = [torch.randn(n, generator=g) * 7 for n in (1, 2, 31, 300_001)]
+    cases += [torch.tensor(v * 70_000) for v in ([math.inf, 1.0], [-math.inf, 2.0], [-0.0, 0.0], [-0.0],
+                                                  [-1e-45, 3e-45], [-3.0, -2.0], [5.0, 4.0])]
+    for nan in (math.nan, -math.nan):
+        x = torch.randn(200_001, generator=g)
+        x[123_456] = nan
+        cases.append(x)
+    for x in cases:
+        for dtype in (torch.float32, torch.float64):
+            v = x.to(dtype)
+            lo, hi = (float(t) for t in torch.aminmax(v))
+            for threads in (1, 2, 3):
+                got = native.kernels.extremes(v.data_ptr(), v.numel(), dtype == torch.float64, threads)
+                if math.isnan(lo):
+                    assert all(math.isnan(e) for e in got)
+                else:
+                    assert got == (lo, hi), (dtype, threads, got, (lo, hi))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        native.kernels.extremes(cases[0].data_ptr(), 0, False)
+
+
+def test_histogram_is_the_same_with_and_without_the_c_kernels(monkeypatch):
+    """``Histogram.of`` through the C kernels (extremes and counts) equals the torch path."""
+    from torch_nvdla.calib import histogram, native
+
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    g = torch.Generator().manual_seed(13)
+    xs = [torch.randn(2, 16, 9, 9, generator=g) * 3, torch.randn(300_000, generator=g).relu(),
+          torch.randn(50, generator=g, dtype=torch.float64) * 1e-30, torch.randn(4, 4, generator=g).half()]
+    native_hs = [Histogram.of(x) for x in xs]
+    monkeypatch.setattr(histogram, "KERNELS", False)
+    for x, h in zip(xs, native_hs):
+        _same(h, Histogram.of(x))

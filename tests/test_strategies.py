@@ -624,3 +624,43 @@ def test_entropy_batch_is_entropy_of_each_row():
     assert entropy_amax_batch(torch.zeros(0, 8), torch.zeros(0, 9)) == []
     with pytest.raises(CalibrationError, match="edges"):
         entropy_amax_batch(torch.zeros(2, 8), torch.zeros(2, 8))
+
+
+def test_level_sums_kernel_and_torch_tree_give_the_same_bits():
+    """The C level sums and the torch binary tree add the same pair-table entries in the
+    same order: bit-identical sums, for a power-of-two level count and odd ones (the carried
+    last entry); an index outside the table is refused, not read."""
+    from torch_nvdla.calib import native
+
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    g = torch.Generator().manual_seed(9)
+    for rows, pairs, candidates, levels in ((3, 500, 40, 128), (5, 97, 13, 7), (1, 10, 4, 1), (4, 300, 300, 5)):
+        table = torch.randn(rows, pairs, generator=g, dtype=torch.float64) * 1e3
+        index = torch.randint(0, pairs, (candidates * levels,), generator=g)
+        got = torch.empty(candidates, rows, dtype=torch.float64)
+        for threads in (1, 2):
+            native.kernels.level_sums(table.data_ptr(), rows, pairs, index.data_ptr(), candidates, levels,
+                                      got.data_ptr(), threads)
+            want = torch.stack([_strategies._tree_sum(t[index].view(candidates, levels)) for t in table], 1)
+            assert torch.equal(got, want), (rows, pairs, candidates, levels, threads)
+            # A tree, not a left-to-right loop: the order is what the torch path uses.
+            assert torch.allclose(got, torch.stack([t[index].view(candidates, levels).sum(1) for t in table], 1))
+    bad = torch.tensor([0, 1, 10], dtype=torch.int64)
+    with pytest.raises(ValueError, match="outside the pair table"):
+        native.kernels.level_sums(table.data_ptr(), 1, 10, bad.data_ptr(), 1, 3, got.data_ptr(), 1)
+
+
+def test_entropy_picks_are_the_same_with_and_without_the_c_kernels(monkeypatch):
+    """The batched search through the C level sums picks exactly what the torch path picks."""
+    from torch_nvdla.calib import native
+
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    rows = [realistic(kind, 2048, seed=s) for s, kind in enumerate(KINDS * 3)]
+    counts = torch.stack([torch.as_tensor(c, dtype=torch.float64) for c, _ in rows])
+    edges = torch.stack([torch.as_tensor(e, dtype=torch.float64) for _, e in rows])
+    options = ({}, {"stride": 3, "num_levels": 127}, {"start_bin": 1000, "num_levels": 64})
+    with_kernels = [entropy_amax_batch(counts, edges, **o) for o in options]
+    monkeypatch.setattr(_strategies, "KERNELS", False)
+    assert [entropy_amax_batch(counts, edges, **o) for o in options] == with_kernels

@@ -6,54 +6,12 @@ Design notes and the facts behind them: ``docs/calib.md``.
 from __future__ import annotations
 
 import math
-import os
-import re
-from dataclasses import dataclass
 
 import torch
 
-try:  # the optional C kernel (setup.py builds it where a C compiler is present)
-    from . import _binning as _native
-except ImportError:  # pragma: no cover - depends on the install
-    _native = None
+from .native import KERNELS, kernels, threads
 
-__all__ = ["BINNING", "Histogram", "HistogramObserver"]
-
-#: How CPU tensors are binned: ``"native"`` (the C kernel, one pass) or ``"torch"`` (a
-#: few vectorised torch operations and ``bincount`` per chunk). The same bins either way;
-#: ``TORCH_NVDLA_BINNING=torch`` forces the torch path.
-BINNING = "native" if _native is not None and os.environ.get("TORCH_NVDLA_BINNING", "") != "torch" else "torch"
-
-
-_OPENMP_LIBRARY = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.so[^/]*$")
-
-
-def _openmp_runtimes(maps_lines) -> set[str]:
-    """The OpenMP runtime libraries (libgomp, libiomp5, libomp) among ``/proc/<pid>/maps``
-    lines: each distinct file once."""
-    return {line.split()[-1] for line in maps_lines if _OPENMP_LIBRARY.search(line.rstrip())}
-
-
-def _one_openmp_runtime() -> bool:
-    """The C kernel was built with OpenMP and exactly one OpenMP runtime is loaded (Linux):
-    then its threads are torch's own, already running, and splitting a tensor over them
-    oversubscribes nothing. Anywhere else the kernel runs on the calling thread."""
-    if _native is None or not _native.openmp():
-        return False
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            return len(_openmp_runtimes(maps)) == 1
-    except OSError:
-        return False
-
-
-_SHARED_OPENMP = _one_openmp_runtime()
-
-
-def _native_threads() -> int:
-    """Threads the C kernel may split one tensor over: torch's intra-op threads when it
-    shares their OpenMP runtime, else 1."""
-    return torch.get_num_threads() if _SHARED_OPENMP else 1
+__all__ = ["Histogram", "HistogramObserver"]
 
 
 # Elements binned per step on the CPU: large enough that per-operation overhead does not
@@ -86,23 +44,28 @@ def _count_cpu(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
     ``x * bins / r`` is a power-of-two scaling, exact in float32 for float32/fp16/bf16 values
     (float64 for float64 ones) unless it underflows -- and then ``|y| < 1`` truncates to 0
     anyway, the sign coming from ``x`` itself (``-0.0`` is not negative). Counted by the C
-    kernel when it is built (:data:`BINNING`), else by :func:`_count_cpu_torch`.
+    kernel when it runs (:data:`torch_nvdla.calib.native.KERNELS`), else by :func:`_count_cpu_torch`.
     """
-    if BINNING == "native":
+    if KERNELS:
         return _count_cpu_native(flat, bins, r)
     return _count_cpu_torch(flat, bins, r)
 
 
-def _count_cpu_native(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
-    """:func:`_count_cpu` by the C kernel: one pass, no scratch (fp16/bf16 are first
+def _native_ready(flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` as the C kernel reads it: contiguous float32 or float64 (fp16/bf16 are
     widened to float32, which is exact)."""
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-    flat = flat.contiguous()
+    return flat.contiguous()
+
+
+def _count_cpu_native(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
+    """:func:`_count_cpu` by the C kernel: one pass, no scratch."""
+    flat = _native_ready(flat)
     counts = torch.zeros(2 * bins, dtype=torch.int64)
     pre, step = _scaling(bins, r)
-    _native.count(flat.data_ptr(), flat.numel(), flat.dtype == torch.float64, bins, pre, step, counts.data_ptr(),
-                  _native_threads())
+    kernels.count(flat.data_ptr(), flat.numel(), flat.dtype == torch.float64, bins, pre, step, counts.data_ptr(),
+                  threads())
     return counts
 
 
@@ -166,7 +129,9 @@ def _pow2_above_float(m: float) -> float:
     return math.ldexp(1.0, exponent) if exponent < 1024 else math.inf
 
 
-@dataclass
+_F64 = torch.float64
+
+
 class Histogram:
     """Signed histogram on a power-of-two range.
 
@@ -175,18 +140,55 @@ class Histogram:
             covers ``[j*w, (j+1)*w)`` and bin ``bins - 1 - j`` covers ``(-(j+1)*w, -j*w]``.
         range: 0-dim float64 tensor ``R`` (a power of two above every |x| seen), on the
             counts' device.
-        min: 0-dim tensor, the smallest value seen (``+inf`` when empty).
-        max: 0-dim tensor, the largest value seen (``-inf`` when empty).
+        min: 0-dim float64 tensor, the smallest value seen (``+inf`` when empty).
+        max: 0-dim float64 tensor, the largest value seen (``-inf`` when empty).
         finite: 0-dim bool tensor, False once a NaN or Inf was seen.
         numel: number of values seen (a Python int; known without a device read).
+
+    On the CPU the four scalars are held as Python numbers (a calibration merges thousands
+    of histograms, and a 0-dim tensor costs a tensor operation per read); the attributes
+    give them as 0-dim tensors on every device all the same.
     """
 
-    counts: torch.Tensor
-    range: torch.Tensor
-    min: torch.Tensor
-    max: torch.Tensor
-    finite: torch.Tensor
-    numel: int = 0
+    __slots__ = ("counts", "numel", "_range", "_min", "_max", "_finite")
+
+    def __init__(self, counts: torch.Tensor, range: torch.Tensor | float, min: torch.Tensor | float,
+                 max: torch.Tensor | float, finite: torch.Tensor | bool, numel: int = 0) -> None:
+        self.counts = counts
+        self.numel = int(numel)
+        if counts.device.type == "cpu":
+            self._range, self._min, self._max, self._finite = float(range), float(min), float(max), bool(finite)
+        else:
+            dev = counts.device
+            self._range, self._min, self._max = (torch.as_tensor(v, dtype=_F64, device=dev) for v in (range, min, max))
+            self._finite = torch.as_tensor(finite, dtype=torch.bool, device=dev)
+
+    @classmethod
+    def _of_floats(cls, counts: torch.Tensor, r: float, lo: float, hi: float, finite: bool,
+                   numel: int) -> "Histogram":
+        """A CPU histogram from Python numbers, without conversions (the hot path)."""
+        h = cls.__new__(cls)
+        h.counts, h.numel, h._range, h._min, h._max, h._finite = counts, numel, r, lo, hi, finite
+        return h
+
+    def _scalar(self, value, dtype: torch.dtype = _F64) -> torch.Tensor:
+        return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
+
+    @property
+    def range(self) -> torch.Tensor:
+        return self._scalar(self._range)
+
+    @property
+    def min(self) -> torch.Tensor:
+        return self._scalar(self._min)
+
+    @property
+    def max(self) -> torch.Tensor:
+        return self._scalar(self._max)
+
+    @property
+    def finite(self) -> torch.Tensor:
+        return self._scalar(self._finite, torch.bool)
 
     @property
     def bins(self) -> int:
@@ -197,20 +199,18 @@ class Histogram:
     def device(self) -> torch.device:
         return self.counts.device
 
+    def __repr__(self) -> str:
+        return (f"Histogram(bins={self.bins}, range={float(self._range)!r}, min={float(self._min)!r}, "
+                f"max={float(self._max)!r}, finite={bool(self._finite)}, numel={self.numel}, device={self.device})")
+
     @classmethod
     def empty(cls, bins: int = 2048, device: torch.device | str | None = None) -> "Histogram":
         """A histogram that has seen nothing."""
         if bins < 1 or bins & (bins - 1):
             raise ValueError(f"bins must be a power of two >= 1, got {bins}")
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        return cls(
-            counts=torch.zeros(2 * bins, dtype=torch.int64, device=dev),
-            range=torch.tensor(2.0**_TINY_EXP, dtype=torch.float64, device=dev),
-            min=torch.tensor(math.inf, dtype=torch.float64, device=dev),
-            max=torch.tensor(-math.inf, dtype=torch.float64, device=dev),
-            finite=torch.tensor(True, device=dev),
-            numel=0,
-        )
+        return cls(torch.zeros(2 * bins, dtype=torch.int64, device=dev), 2.0**_TINY_EXP, math.inf, -math.inf,
+                   True, 0)
 
     @classmethod
     def of(cls, x: torch.Tensor, bins: int = 2048) -> "Histogram":
@@ -227,13 +227,11 @@ class Histogram:
         if flat.numel() == 0:
             return h
         lo, hi = torch.aminmax(flat)
-        lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+        lo, hi = lo.to(_F64), hi.to(_F64)
         finite = torch.isfinite(lo) & torch.isfinite(hi)
-        h.min, h.max, h.finite, h.numel = lo, hi, finite, flat.numel()
         amax = torch.maximum(lo.abs(), hi.abs())
-        h.range = _pow2_above(torch.where(finite, amax, torch.zeros_like(amax)))
-        h.counts = _count_device(flat, bins, h.range)
-        return h
+        r = _pow2_above(torch.where(finite, amax, torch.zeros_like(amax)))
+        return cls(_count_device(flat, bins, r), r, lo, hi, finite, flat.numel())
 
     @classmethod
     def _of_cpu(cls, flat: torch.Tensor, bins: int) -> "Histogram":
@@ -241,16 +239,18 @@ class Histogram:
         floats, and the range follows from them without further tensor operations."""
         if bins < 1 or bins & (bins - 1):
             raise ValueError(f"bins must be a power of two >= 1, got {bins}")
-        lo, hi = (float(v) for v in torch.aminmax(flat))
+        if KERNELS:
+            flat = _native_ready(flat)
+            lo, hi = kernels.extremes(flat.data_ptr(), flat.numel(), flat.dtype == _F64, threads())
+        else:
+            lo, hi = (float(v) for v in torch.aminmax(flat))
         finite = math.isfinite(lo) and math.isfinite(hi)
         r = _pow2_above_float(max(-lo, hi) if finite else 0.0)
         # Counts of a non-finite tensor are meaningless (the caller reports the tap).
         counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
-        f64 = torch.float64
-        return cls(counts, torch.scalar_tensor(r, dtype=f64), torch.scalar_tensor(lo, dtype=f64),
-                   torch.scalar_tensor(hi, dtype=f64), torch.scalar_tensor(finite, dtype=torch.bool), flat.numel())
+        return cls._of_floats(counts, r, lo, hi, finite, flat.numel())
 
-    def rebinned(self, new_range: torch.Tensor) -> torch.Tensor:
+    def rebinned(self, new_range: torch.Tensor | float) -> torch.Tensor:
         """Counts at a larger power-of-two range ``new_range >= self.range``.
 
         Each run of ``2**k`` bins (``k = log2(new_range / range)``) merges into one:
@@ -260,7 +260,7 @@ class Histogram:
         bins = self.bins
         if self.device.type == "cpu":
             return self._rebinned_cpu(float(new_range))
-        k = torch.round(torch.log2(new_range / self.range)).to(torch.int64)
+        k = torch.round(torch.log2(new_range / self._range)).to(torch.int64)
         k = k.clamp(0, int(math.log2(bins)) + 1)
         offset = torch.arange(-bins, bins, device=self.device, dtype=torch.int64)
         index = bins + torch.bitwise_right_shift(offset, k)
@@ -271,7 +271,7 @@ class Histogram:
         """:meth:`rebinned` on the CPU. With ``g = 2**k`` bins merging (``k`` at most
         ``log2(bins)``, where every offset already maps to -1 or 0), the ``2 bins / g``
         aligned runs of ``g`` bins are the new bins ``bins - bins/g .. bins + bins/g - 1``."""
-        bins, old = self.bins, float(self.range)
+        bins, old = self.bins, self._range
         if new_range == old:
             return self.counts  # same grid (the usual case once the range settled)
         ratio = new_range / old
@@ -286,37 +286,35 @@ class Histogram:
         """Add ``other``'s counts into this histogram in place (the union of the data)."""
         if other.bins != self.bins:
             raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
-        other = other.to(self.device)
+        if other.counts.device != self.counts.device:
+            other = other.to(self.device)
         if self.device.type == "cpu":
             return self._merge_cpu(other)
-        new_range = torch.maximum(self.range, other.range)
+        new_range = torch.maximum(self._range, other._range)
         self.counts = self.rebinned(new_range) + other.rebinned(new_range)
-        self.range = new_range
-        self.min = torch.minimum(self.min, other.min)
-        self.max = torch.maximum(self.max, other.max)
-        self.finite = self.finite & other.finite
+        self._range = new_range
+        self._min = torch.minimum(self._min, other._min)
+        self._max = torch.maximum(self._max, other._max)
+        self._finite = self._finite & other._finite
         self.numel += other.numel
         return self
 
     def _merge_cpu(self, other: "Histogram") -> "Histogram":
-        """:meth:`merge_` on the CPU: the scalars compared as Python floats, the 0-dim
-        tensors of the winning side kept (NaN wins, as in ``torch.minimum``)."""
-        r_self, r_other = float(self.range), float(other.range)
-        if r_self == r_other:
-            self.counts = self.counts + other.counts
-        elif r_self > r_other:
-            self.counts = self.counts + other.rebinned(self.range)
+        """:meth:`merge_` on the CPU: Python-number scalars (NaN wins, as in
+        ``torch.minimum``), the counts added in place at the same range."""
+        if self._range == other._range:
+            self.counts += other.counts
+        elif self._range > other._range:
+            self.counts += other._rebinned_cpu(self._range)
         else:
-            self.counts = self.rebinned(other.range) + other.counts
-            self.range = other.range
-        lo_self, lo_other = float(self.min), float(other.min)
-        if lo_other < lo_self or (math.isnan(lo_other) and not math.isnan(lo_self)):
-            self.min = other.min
-        hi_self, hi_other = float(self.max), float(other.max)
-        if hi_other > hi_self or (math.isnan(hi_other) and not math.isnan(hi_self)):
-            self.max = other.max
-        if not bool(other.finite):
-            self.finite = other.finite
+            self.counts = self._rebinned_cpu(other._range).add_(other.counts)
+            self._range = other._range
+        lo, hi = other._min, other._max
+        if lo < self._min or (lo != lo and self._min == self._min):
+            self._min = lo
+        if hi > self._max or (hi != hi and self._max == self._max):
+            self._max = hi
+        self._finite = self._finite and other._finite
         self.numel += other.numel
         return self
 
@@ -325,16 +323,15 @@ class Histogram:
         device = torch.device(device)
         if device == self.device:
             return self
-        return Histogram(
-            self.counts.to(device), self.range.to(device), self.min.to(device),
-            self.max.to(device), self.finite.to(device), self.numel,
-        )
+        return Histogram(self.counts.to(device), self.range.to(device), self.min.to(device), self.max.to(device),
+                         self.finite.to(device), self.numel)
 
     def clone(self) -> "Histogram":
-        return Histogram(
-            self.counts.clone(), self.range.clone(), self.min.clone(), self.max.clone(),
-            self.finite.clone(), self.numel,
-        )
+        h = Histogram.__new__(Histogram)
+        h.counts, h.numel = self.counts.clone(), self.numel
+        h._range, h._min, h._max, h._finite = (v.clone() if isinstance(v, torch.Tensor) else v for v in
+                                               (self._range, self._min, self._max, self._finite))
+        return h
 
     def relu(self) -> "Histogram":
         """The histogram of ``relu(x)`` computed from ``x``'s (no data touched).
@@ -342,24 +339,16 @@ class Histogram:
         Every non-positive value becomes 0, which falls in the first non-negative bin.
         """
         bins = self.bins
-        counts = self.counts.clone()
-        counts[bins] += counts[:bins].sum()
-        counts[:bins] = 0
+        counts = torch.zeros_like(self.counts)
+        counts[bins:] = self.counts[bins:]
+        counts[bins] += self.counts[:bins].sum()
         empty = self.numel == 0
-        if self.device.type == "cpu":  # the extremes as Python floats: no tensor scalar ops
-            lo, hi = (v if empty else max(v, 0.0) for v in (float(self.min), float(self.max)))
-            f64 = torch.float64
-            return Histogram(counts, self.range.clone(), torch.scalar_tensor(lo, dtype=f64),
-                             torch.scalar_tensor(hi, dtype=f64), self.finite.clone(), self.numel)
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        return Histogram(
-            counts,
-            self.range.clone(),
-            self.min.clone() if empty else torch.maximum(self.min, zero),
-            self.max.clone() if empty else torch.maximum(self.max, zero),
-            self.finite.clone(),
-            self.numel,
-        )
+        if self.device.type == "cpu":
+            lo, hi = (v if empty else max(v, 0.0) for v in (self._min, self._max))
+            return Histogram._of_floats(counts, self._range, lo, hi, self._finite, self.numel)
+        zero = torch.zeros((), dtype=_F64, device=self.device)
+        lo, hi = (v.clone() if empty else torch.maximum(v, zero) for v in (self._min, self._max))
+        return Histogram(counts, self._range.clone(), lo, hi, self._finite.clone(), self.numel)
 
     def relu_is_exact(self) -> bool:
         """Whether :meth:`relu` equals the histogram of ``relu(x)`` computed from the data.
@@ -371,8 +360,8 @@ class Histogram:
         if self.numel == 0:
             return True
         if self.device.type == "cpu":
-            return _pow2_above_float(max(float(self.max), 0.0)) == float(self.range)
-        return bool(_pow2_above(self.max.clamp_min(0.0)) == self.range)
+            return _pow2_above_float(max(self._max, 0.0)) == self._range
+        return bool(_pow2_above(self._max.clamp_min(0.0)) == self._range)
 
     def abs_histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The histogram of ``|x|``: ``bins`` int64 counts and ``bins + 1`` float64 edges.
@@ -381,42 +370,37 @@ class Histogram:
         """
         bins = self.bins
         counts = self.counts[bins:] + self.counts[:bins].flip(0)
-        edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=self.device)
-        return counts, edges * self.range
+        edges = torch.linspace(0.0, 1.0, bins + 1, dtype=_F64, device=self.device)
+        return counts, edges * self._range
 
     def max_abs(self) -> float:
         """The exact largest |x| seen (0.0 when empty)."""
         if self.numel == 0:
             return 0.0
-        return float(torch.maximum(self.min.abs(), self.max.abs()))
+        if self.device.type == "cpu":
+            return max(abs(self._min), abs(self._max))
+        return float(torch.maximum(self._min.abs(), self._max.abs()))
 
     def state_dict(self) -> dict:
         """Plain CPU state (counts as a list-friendly tensor) for saving or sending."""
         return {
             "bins": self.bins,
             "counts": self.counts.cpu(),
-            "range": float(self.range),
-            "min": float(self.min),
-            "max": float(self.max),
-            "finite": bool(self.finite),
+            "range": float(self._range),
+            "min": float(self._min),
+            "max": float(self._max),
+            "finite": bool(self._finite),
             "numel": int(self.numel),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str | None = None) -> "Histogram":
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        f64 = dict(dtype=torch.float64, device=dev)
         counts = torch.as_tensor(state["counts"], dtype=torch.int64).to(dev)
         if counts.numel() != 2 * int(state["bins"]):
             raise ValueError(f"histogram state has {counts.numel()} counts for {state['bins']} bins")
-        return cls(
-            counts=counts,
-            range=torch.tensor(float(state["range"]), **f64),
-            min=torch.tensor(float(state["min"]), **f64),
-            max=torch.tensor(float(state["max"]), **f64),
-            finite=torch.tensor(bool(state["finite"]), device=dev),
-            numel=int(state["numel"]),
-        )
+        return cls(counts, float(state["range"]), float(state["min"]), float(state["max"]), bool(state["finite"]),
+                   int(state["numel"]))
 
 
 class HistogramObserver:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CalibrationError
+from .native import KERNELS, kernels, threads
 
 __all__ = [
     "STRATEGIES",
@@ -51,6 +52,7 @@ _CPU_BLOCK_ELEMENTS = 32000
 # Histograms searched together on the CPU: enough to share each operation's overhead, few
 # enough that the (pair table x histograms) temporaries stay in cache.
 _CPU_ENTROPY_GROUP = 8
+_CPU_ENTROPY_GROUP_KERNELS = 64  # with the C level sums: bounds the (pairs x histograms) tables
 
 # Elements per block off the CPU (bounds the memory of mse_amax's bin-by-bin path).
 _DEVICE_BLOCK_ELEMENTS = 1 << 22
@@ -457,7 +459,7 @@ def entropy_amax_batch(
     device = _compute_device(counts)
     c_raw = counts.detach().to(device).to(torch.float64)
     e = edges.detach().to(device).to(torch.float64)
-    group = _CPU_ENTROPY_GROUP if device.type == "cpu" else c_raw.shape[0]
+    group = c_raw.shape[0] if device.type != "cpu" else _CPU_ENTROPY_GROUP_KERNELS if KERNELS else _CPU_ENTROPY_GROUP
     picks = [_entropy_rows(c, g, *options, copy_first_bin) for c, g in zip(c_raw.split(group), e.split(group))]
     return torch.cat(picks).tolist()
 
@@ -504,8 +506,7 @@ def _entropy_rows(c_raw: torch.Tensor, e: torch.Tensor, levels: int, start: int,
     level_nonempty = (take(nonempty, index.pair_hi) - take(nonempty, index.pair_lo)).clamp_min_(1.0)
     ratio = level_nonempty.reciprocal_().mul_(level_mass).clamp_min_(_TINY)  # M / n (n = 0 only if M = 0)
     pair_g = _log_(ratio).mul_(level_mass).t().contiguous()  # (T, P)
-    blocks = index.levels.split(_row_blocks(index.candidates.numel(), levels, dev) * levels)
-    g = torch.stack([torch.cat([take(table, b).view(-1, levels).sum(1) for b in blocks]) for table in pair_g], 1)
+    g = _level_sums(pair_g, index.levels, index.candidates.numel(), levels)
 
     cand = index.candidates
     q_last = (take(mass, index.last_hi) - take(mass, index.last_lo)) / (
@@ -531,6 +532,33 @@ def _entropy_rows(c_raw: torch.Tensor, e: torch.Tensor, levels: int, start: int,
     amax = e.gather(1, (start + best * step)[:, None])[:, 0]
     amax = torch.where(total > 0, amax, _minmax_rows(c_raw, e))
     return torch.where(raw_total > 0, amax, zero)
+
+
+def _level_sums(pair_g: torch.Tensor, level_index: torch.Tensor, candidates: int, levels: int) -> torch.Tensor:
+    """``(K, T)``: for every candidate ``k`` and histogram ``t``, the sum of the ``L``
+    pair-table entries ``pair_g[t, level_index[k * L + l]]``, added as a binary tree
+    (:func:`_tree_sum`). The C kernel when it runs, else gathers in blocks of candidates;
+    the same bits either way."""
+    rows = pair_g.shape[0]
+    if pair_g.device.type == "cpu" and KERNELS:
+        out = torch.empty(candidates, rows, dtype=torch.float64)
+        kernels.level_sums(pair_g.data_ptr(), rows, pair_g.shape[1], level_index.data_ptr(), candidates, levels,
+                           out.data_ptr(), threads())
+        return out
+    blocks = level_index.split(_row_blocks(candidates, levels, pair_g.device) * levels)
+    return torch.stack([torch.cat([_tree_sum(table.index_select(0, b).view(-1, levels)) for b in blocks])
+                        for table in pair_g], 1)
+
+
+def _tree_sum(v: torch.Tensor) -> torch.Tensor:
+    """The sum of every row of ``v`` as a binary tree: ``v[:, j] += v[:, j + h]`` for
+    ``j < h = n // 2`` (an odd last column carried) until one column is left. A fixed order,
+    so that the C kernel and torch give the same bits."""
+    while v.shape[1] > 1:
+        n, h = v.shape[1], v.shape[1] // 2
+        head = v[:, :h] + v[:, h:2 * h]
+        v = torch.cat([head, v[:, 2 * h:]], 1) if n & 1 else head
+    return v[:, 0]
 
 
 def _last_argmin_columns(values: torch.Tensor, tie: float) -> torch.Tensor:

@@ -134,6 +134,18 @@ class TapSelection:
 
 
 @dataclass(frozen=True)
+class _Site:
+    """What a pass does with every call of one leaf module."""
+
+    output: bool  # its output is a tap
+    copies: str  # "relu" (a ReLU), "same" (value-preserving) or ""
+    conv: bool  # a Conv2d (a BatchNorm fed by it can fold)
+    derived: tuple  # the selection's derived taps that apply to it
+    unfolded_batchnorm: bool  # BN_NORMALIZED applies unless the input is a convolution's output
+    module_type: str
+
+
+@dataclass(frozen=True)
 class TapInfo:
     """Where a tap's tensor comes from.
 
@@ -202,15 +214,16 @@ def _why_not(x) -> str:
 
 
 def _extent(x: torch.Tensor) -> tuple | None:
-    """The elements a dense tensor spans: its storage, first element and count (a view that
-    reorders or reshapes all of them has the same extent); None for a tensor with gaps or
-    overlaps, whose elements its extent does not determine."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
-        if stride != expected:
-            return None
-        expected *= size
-    return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.numel(), x.dtype)
+    """The elements a dense tensor spans: its device, first element's address, count and
+    dtype (a view that reorders or reshapes all of them has the same extent); None for a
+    tensor with gaps or overlaps, whose elements its extent does not determine."""
+    if not x.is_contiguous():
+        expected = 1
+        for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+            if stride != expected:
+                return None
+            expected *= size
+    return (x.device, x.data_ptr(), x.numel(), x.dtype)
 
 
 @dataclass
@@ -362,6 +375,7 @@ class TapHooks:
         self._seen = TensorMemo()  # tensor -> the tap that observed it in this pass
         self._made = TensorMemo()  # tensor -> the leaf call (or the input) that made it
         self._conv_taps: set[str] = set()  # taps of convolution calls
+        self._sites_seen: dict[str, _Site] = {}  # module path -> its _Site
 
     # -- life cycle -------------------------------------------------------------------
     def __enter__(self) -> "TapHooks":
@@ -377,19 +391,17 @@ class TapHooks:
         self._seen.clear()
         self._made.clear()
         self._source.clear()
+        self._sites_seen.clear()
 
     # -- bookkeeping --------------------------------------------------------------------
-    def _observer(self, name: str, info: TapInfo) -> HistogramObserver:
+    def _observer(self, name: str, path: str, call: int, kind: str, module_type: str,
+                  derived: str = "") -> HistogramObserver:
         obs = self.observers.get(name)
         if obs is None:
             obs = HistogramObserver(self.bins, self.device)
             self.observers[name] = obs
-            self.infos[name] = TapInfo(**{**info.__dict__, "order": len(self.infos)})
+            self.infos[name] = TapInfo(name, path, call, kind, module_type, len(self.infos), derived)
         return obs
-
-    def _observe(self, name: str, info: TapInfo, x: torch.Tensor) -> None:
-        self._observer(name, info).update(x)
-        self._remember(x, name)
 
     def _remember(self, x: torch.Tensor, name: str) -> None:
         """Record that tap ``name`` holds the histogram of ``x`` as it is now."""
@@ -417,13 +429,22 @@ class TapHooks:
         seen = self._observed_as(x)
         return (seen is None and self._made.get(x) is None) or (seen or "").endswith(":input")
 
-    def _made_by(self, x, name: str) -> None:
-        if isinstance(x, torch.Tensor):
-            self._made.remember(x, name)
-
     def _from_conv(self, x) -> bool:
         """``x`` is a Conv2d's output, unchanged since (a BatchNorm on it can fold)."""
         return self._made.get(x) in self._conv_taps
+
+    def _site(self, path: str, module: nn.Module) -> _Site:
+        """What the selection does with every call of the leaf at ``path`` (fixed per pass)."""
+        site = self._sites_seen.get(path)
+        if site is None:
+            copies = "relu" if isinstance(module, nn.ReLU) else "same" if isinstance(module, _SAME_VALUES) else ""
+            derived = tuple(d for d in self.selection.derived if d.applies(module))
+            unfolded = (BN_NORMALIZED not in derived and self.selection.unfolded_batchnorms
+                        and BN_NORMALIZED.applies(module))
+            site = _Site(self.selection.wants_output(path, module), copies, isinstance(module, nn.Conv2d), derived,
+                         unfolded, type(module).__name__)
+            self._sites_seen[path] = site
+        return site
 
     # -- hooks ---------------------------------------------------------------------------
     def _on_input(self, module, args, kwargs):
@@ -431,23 +452,25 @@ class TapHooks:
         self._seen.clear()
         self._made.clear()
         x = first_tensor(tuple(args) + tuple(kwargs.values()))
-        self._made_by(x, "data")
-        if self.selection.model_input:
-            if _observable(x):
-                self._observe("data", TapInfo("data", "", 0, "input", type(module).__name__, 0), x)
+        if isinstance(x, torch.Tensor):
+            self._made.remember(x, "data")
+        if self.selection.model_input and _observable(x):
+            self._observer("data", "", 0, "input", type(module).__name__).update(x)
+            self._remember(x, "data")
 
     def _on_call(self, tap, path, call, module, args):
         x = first_tensor(args)
         if self._wants_input(tap, x):
             name = f"{tap}:input"
             if _observable(x):
-                info = TapInfo(name, path, call, "module-input", type(module).__name__, 0)
+                obs = self._observer(name, path, call, "module-input", type(module).__name__)
                 src = self._reusable(x)
                 if src is not None:
-                    self._observer(name, info).update_histogram(self.observers[src].last)
+                    obs.update_histogram(self.observers[src].last)
                     self.reused[name] = src
                 else:
-                    self._observe(name, info, x)
+                    obs.update(x)
+                    self._remember(x, name)
             else:
                 self.skipped[name] = f"input is {_why_not(x)}"
         # A ReLU / value-preserving module fed the tensor just observed: remember it.
@@ -455,33 +478,30 @@ class TapHooks:
 
     def _on_output(self, tap, path, call, module, args, output):
         src = self._source.pop(id(module), None)
-        mtype = type(module).__name__
-        self._made_by(output, tap)
-        if isinstance(module, nn.Conv2d):  # (what the Caffe export folds a BatchNorm into)
+        site = self._site(path, module)
+        if isinstance(output, torch.Tensor):
+            self._made.remember(output, tap)
+        if site.conv:  # (what the Caffe export folds a BatchNorm into)
             self._conv_taps.add(tap)
-        if self.selection.wants_output(path, module):
-            info = TapInfo(tap, path, call, "output", mtype, 0)
+        if site.output:
             if not _observable(output):
                 self.skipped[tap] = f"output is {_why_not(output)}"
-            elif src is not None and isinstance(module, (nn.ReLU, *_SAME_VALUES)) and (
-                # relu() of the producer's histogram is exact only when its positive
-                # side sets the range; otherwise observe the output itself.
-                not isinstance(module, nn.ReLU) or self.observers[src].last.relu_is_exact()
-            ):
-                last = self.observers[src].last
-                self._observer(tap, info).update_histogram(last.relu() if isinstance(module, nn.ReLU) else last)
-                self.reused[tap] = src
-                self._remember(output, tap)
             else:
-                self._observe(tap, info, output)
-        derived = list(self.selection.derived)
-        if BN_NORMALIZED not in derived and self.selection.unfolded_batchnorms and BN_NORMALIZED.applies(module) \
-                and not self._from_conv(first_tensor(args)):
-            derived.append(BN_NORMALIZED)
+                obs = self._observer(tap, path, call, "output", site.module_type)
+                last = self.observers[src].last if src is not None and site.copies else None
+                # relu() of the producer's histogram is exact only when its positive side
+                # sets the range; otherwise observe the output itself.
+                if last is not None and (site.copies == "same" or last.relu_is_exact()):
+                    obs.update_histogram(last.relu() if site.copies == "relu" else last)
+                    self.reused[tap] = src
+                else:
+                    obs.update(output)
+                self._remember(output, tap)
+        derived = site.derived
+        if site.unfolded_batchnorm and not self._from_conv(first_tensor(args)):
+            derived = (*derived, BN_NORMALIZED)
         for d in derived:
-            if d.applies(module):
-                name = f"{tap}:{d.name}"
-                info = TapInfo(name, path, call, "derived", mtype, 0, derived=d.name)
-                with torch.no_grad():
-                    value = d.fn(module, args, output)
-                self._observer(name, info).update(value)
+            name = f"{tap}:{d.name}"
+            with torch.no_grad():
+                value = d.fn(module, args, output)
+            self._observer(name, path, call, "derived", site.module_type, d.name).update(value)

@@ -1,6 +1,8 @@
-/* Exact signed binning of a dense CPU float32/float64 buffer in one pass.
+/* C kernels of the calibration pass (loaded by native.py; each has a torch path in
+ * histogram.py / strategies.py that gives the same results):
  *
- * The same bins as torch_nvdla.calib.histogram._count_cpu_torch: element x goes to bin
+ * count: exact signed binning of a dense CPU float32/float64 buffer in one pass. The same
+ * bins as histogram._count_cpu_torch: element x goes to bin
  * bins + trunc((x * pre) * step) - [x < 0], computed in the buffer's own precision (pre
  * and step are powers of two, so the products are exact unless they underflow, and then
  * the truncation is 0 either way). The caller guarantees |x * pre * step| < bins and no
@@ -8,13 +10,17 @@
  * changes no truncation of a valid y and keeps any other value (a broken guarantee, NaN)
  * from indexing out of bounds.
  *
- * Built as an optional extension (setup.py); without it the torch path is used. Plain C11,
- * no target-specific flags: it runs on any x86-64 (or other) CPU it was compiled on.
+ * extremes: min and max of such a buffer by integer keys (see below).
+ *
+ * level_sums: the entropy search's gather-and-sum of its pair table.
+ *
+ * Built as an optional extension (setup.py); without it the torch paths are used. Plain
+ * C11, no target-specific flags: it runs on any x86-64 (or other) CPU it was compiled on.
  *
  * Built with OpenMP where the compiler has it: a large buffer is then split into
- * contiguous parts counted by the threads of the OpenMP runtime already loaded (torch's,
- * whose workers are still spinning after the layer that made the tensor), each into its
- * own sub-histograms; integer counts, so the sum is the same in any order.
+ * contiguous parts handled by the threads of the OpenMP runtime already loaded (torch's,
+ * whose workers are still spinning after the layer that made the tensor); integer counts
+ * and min/max, so the result is the same in any order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -174,6 +180,112 @@ static int count_parts(const void *data, int64_t n, int wide, int32_t bins, doub
     return count_serial(data, n, wide, bins, pre, step, counts);
 }
 
+/* Extremes by integer keys: key(v) = bits ^ ((bits >> (w - 1)) & INT_MAX) orders every
+ * non-NaN float like its value (negative floats have their magnitude bits reversed), and an
+ * integer min/max vectorises without any floating-point flag. A NaN's key lies above
+ * key(+inf) (sign clear) or below key(-inf) (sign set), so one comparison of each extreme
+ * finds it. -0.0 keys below +0.0. */
+#define DEFINE_KEYS(NAME, T, I, MASK)                                                      \
+    CLONES static void NAME(const T *x, int64_t n, I *lo_out, I *hi_out) {                  \
+        const I *b = (const I *)(const void *)x;                                            \
+        I lo = *lo_out, hi = *hi_out;                                                       \
+        for (int64_t i = 0; i < n; i++) {                                                   \
+            const I v = b[i];                                                               \
+            const I k = v ^ ((v >> (8 * sizeof(I) - 1)) & (I)(MASK));                       \
+            lo = k < lo ? k : lo;                                                           \
+            hi = k > hi ? k : hi;                                                           \
+        }                                                                                   \
+        *lo_out = lo;                                                                       \
+        *hi_out = hi;                                                                       \
+    }
+
+DEFINE_KEYS(keys_float, float, int32_t, INT32_MAX)
+DEFINE_KEYS(keys_double, double, int64_t, INT64_MAX)
+
+/* The float (as a double) whose key is k. */
+static double from_key(int64_t k, int wide) {
+    if (wide) {
+        const int64_t bits = k ^ ((k >> 63) & INT64_MAX);
+        double v;
+        memcpy(&v, &bits, sizeof v);
+        return v;
+    }
+    const int32_t k32 = (int32_t)k, bits = k32 ^ ((k32 >> 31) & INT32_MAX);
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return (double)v;
+}
+
+/* Keys of the n values at data into [*lo, *hi]. */
+static void keys_serial(const void *data, int64_t n, int wide, int64_t *lo, int64_t *hi) {
+    if (wide) {
+        int64_t l = INT64_MAX, h = INT64_MIN;
+        keys_double((const double *)data, n, &l, &h);
+        *lo = l < *lo ? l : *lo;
+        *hi = h > *hi ? h : *hi;
+    } else {
+        int32_t l = INT32_MAX, h = INT32_MIN;
+        keys_float((const float *)data, n, &l, &h);
+        *lo = l < *lo ? l : *lo;
+        *hi = h > *hi ? h : *hi;
+    }
+}
+
+/* keys_serial over up to `threads` contiguous parts (the parts count_parts gives each
+ * thread, so that a thread reads the same values twice). */
+static void keys_parts(const void *data, int64_t n, int wide, int threads, int64_t *lo, int64_t *hi) {
+    int64_t most = n / MIN_PER_THREAD;
+    if (threads > most) threads = (int)most;
+    int64_t l = INT64_MAX, h = INT64_MIN;
+#ifdef _OPENMP
+    if (threads > 1) {
+        const size_t size = wide ? sizeof(double) : sizeof(float);
+#pragma omp parallel num_threads(threads) reduction(min : l) reduction(max : h)
+        {
+            const int64_t k = omp_get_thread_num(), t = omp_get_num_threads();
+            const int64_t a = n * k / t, b = n * (k + 1) / t;
+            keys_serial((const char *)data + a * size, b - a, wide, &l, &h);
+        }
+        *lo = l;
+        *hi = h;
+        return;
+    }
+#else
+    (void)threads;
+#endif
+    keys_serial(data, n, wide, &l, &h);
+    *lo = l;
+    *hi = h;
+}
+
+PyDoc_STRVAR(extremes_doc,
+"extremes(data_ptr, n, wide, threads=1) -> (min, max)\n\n"
+"The smallest and the largest of n > 0 contiguous values at data_ptr (float64 when wide,\n"
+"else float32) as Python floats; (nan, nan) when any value is NaN. Up to `threads`\n"
+"OpenMP threads for large buffers; the GIL is released meanwhile.");
+
+static PyObject *extremes(PyObject *self, PyObject *args) {
+    unsigned long long data;
+    Py_ssize_t n;
+    int wide, threads = 1;
+    int64_t lo, hi;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Knp|i", &data, &n, &wide, &threads)) return NULL;
+    if (n < 1 || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "extremes: n must be >= 1 and threads >= 1");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    keys_parts((const void *)(uintptr_t)data, n, wide, threads, &lo, &hi);
+    Py_END_ALLOW_THREADS
+    /* Keys of +inf and -inf: anything beyond them is a NaN. */
+    const int64_t pos_inf = wide ? (int64_t)0x7ff0000000000000LL : (int64_t)0x7f800000;
+    const int64_t neg_inf = wide ? (int64_t)0x7ff0000000000000LL ^ INT64_MAX ^ INT64_MIN
+                                 : (int64_t)(int32_t)(0xff800000u ^ 0x7fffffffu);
+    if (hi > pos_inf || lo < neg_inf) return Py_BuildValue("(dd)", Py_NAN, Py_NAN);
+    return Py_BuildValue("(dd)", from_key(lo, wide), from_key(hi, wide));
+}
+
 PyDoc_STRVAR(count_doc,
 "count(data_ptr, n, wide, bins, pre, step, counts_ptr, threads=1)\n\n"
 "Add the signed bin counts of n contiguous values at data_ptr (float64 when wide, else\n"
@@ -198,6 +310,82 @@ static PyObject *count(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The entropy search's level sums (strategies.py, _entropy_rows): for every histogram t
+ * and candidate k, the sum of the L pair-table entries table[t][index[k][l]], added as a
+ * binary tree (v[j] += v[j + h] for j < h = n / 2, an odd last entry carried; the order
+ * the torch path uses too, so both give the same bits). */
+static int level_sums_rows(const double *table, int64_t rows, int64_t pairs, const int64_t *index,
+                           int64_t candidates, int32_t levels, double *out, int64_t k0, int64_t k1) {
+    double *v = malloc(sizeof(double) * (size_t)levels);
+    if (v == NULL) return -2;
+    for (int64_t k = k0; k < k1; k++)
+        for (int32_t l = 0; l < levels; l++)
+            if (index[k * levels + l] < 0 || index[k * levels + l] >= pairs) {
+                free(v);
+                return -1;
+            }
+    for (int64_t t = 0; t < rows; t++) { /* one histogram's table at a time: it stays in cache */
+        const double *g = table + t * pairs;
+        for (int64_t k = k0; k < k1; k++) {
+            const int64_t *ix = index + k * levels;
+            for (int32_t l = 0; l < levels; l++) v[l] = g[ix[l]];
+            int32_t n = levels;
+            while (n > 1) {
+                const int32_t h = n / 2;
+                for (int32_t j = 0; j < h; j++) v[j] += v[j + h];
+                if (n & 1) v[h] = v[2 * h];
+                n = h + (n & 1);
+            }
+            out[k * rows + t] = v[0];
+        }
+    }
+    free(v);
+    (void)candidates;
+    return 0;
+}
+
+PyDoc_STRVAR(level_sums_doc,
+"level_sums(table_ptr, rows, pairs, index_ptr, candidates, levels, out_ptr, threads=1)\n\n"
+"out[k, t] = tree sum over l < levels of table[t, index[k, l]]: table is rows x pairs\n"
+"float64, index candidates x levels int64 (each entry in [0, pairs)), out candidates x rows\n"
+"float64, all contiguous. Up to `threads` OpenMP threads; the GIL is released meanwhile.");
+
+static PyObject *level_sums(PyObject *self, PyObject *args) {
+    unsigned long long table, index, out;
+    Py_ssize_t rows, pairs, candidates;
+    int levels, threads = 1, failed = 0; /* 1: bad index, 2: out of memory */
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnKniK|i", &table, &rows, &pairs, &index, &candidates, &levels, &out, &threads))
+        return NULL;
+    if (rows < 0 || pairs < 1 || candidates < 0 || levels < 1 || levels > (1 << 16) || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "level_sums: rows, candidates >= 0, pairs >= 1, levels in [1, 65536], "
+                                          "threads >= 1");
+        return NULL;
+    }
+    const double *tb = (const double *)(uintptr_t)table;
+    const int64_t *ix = (const int64_t *)(uintptr_t)index;
+    double *o = (double *)(uintptr_t)out;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+    if (threads > 1 && candidates * rows * levels >= 2 * MIN_PER_THREAD) {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            const int64_t k = omp_get_thread_num(), t = omp_get_num_threads();
+            failed |= -level_sums_rows(tb, rows, pairs, ix, candidates, levels, o, candidates * k / t,
+                                       candidates * (k + 1) / t);
+        }
+    } else
+#endif
+        failed = -level_sums_rows(tb, rows, pairs, ix, candidates, levels, o, 0, candidates);
+    Py_END_ALLOW_THREADS
+    if (failed & 2) return PyErr_NoMemory();
+    if (failed) {
+        PyErr_SetString(PyExc_ValueError, "level_sums: an index entry is outside the pair table");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *openmp(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -210,12 +398,14 @@ static PyObject *openmp(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"count", count, METH_VARARGS, count_doc},
+    {"extremes", extremes, METH_VARARGS, extremes_doc},
+    {"level_sums", level_sums, METH_VARARGS, level_sums_doc},
     {"openmp", openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_binning", "Exact signed binning of CPU buffers (see histogram.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_kernels", "C kernels of the calibration: binning, extremes, entropy level sums (see native.py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__binning(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
