@@ -328,6 +328,13 @@ def test_cpu_binning_paths_agree_on_a_large_tensor():
             got = histogram._count_cpu_native(x.to(dtype), 2048, r)
             assert torch.equal(got, histogram._count_cpu_torch(x.to(dtype), 2048, r))
             assert int(got.sum()) == x.numel() and int(got[2048]) == int((x < r / 2048).sum())
+    # One value a million times: every increment hits one bin of each uint16 sub-histogram,
+    # which the kernel must flush before it wraps.
+    same = torch.full((1_000_003,), 0.75)
+    for threads in (1, 2):
+        c = torch.zeros(512, dtype=torch.int64)
+        native.kernels.count(same.data_ptr(), same.numel(), False, 256, 1.0, 256.0, c.data_ptr(), threads)
+        assert int(c[256 + 192]) == same.numel() and int(c.sum()) == same.numel()
     strided = x[::3]  # not contiguous: the wrapper makes it so
     assert torch.equal(histogram._count_cpu_native(strided, 256, 64.0), histogram._count_cpu_torch(strided, 256, 64.0))
 

@@ -636,16 +636,21 @@ def test_level_sums_kernel_and_torch_tree_give_the_same_bits():
         pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
     g = torch.Generator().manual_seed(9)
     for rows, pairs, candidates, levels in ((3, 500, 40, 128), (5, 97, 13, 7), (1, 10, 4, 1), (4, 300, 300, 5)):
-        table = torch.randn(rows, pairs, generator=g, dtype=torch.float64) * 1e3
+        table = torch.randn(pairs, rows, generator=g, dtype=torch.float64) * 1e3
         index = torch.randint(0, pairs, (candidates * levels,), generator=g)
         got = torch.empty(candidates, rows, dtype=torch.float64)
+        gathered = table[index].view(candidates, levels, rows)
         for threads in (1, 2):
             native.kernels.level_sums(table.data_ptr(), rows, pairs, index.data_ptr(), candidates, levels,
                                       got.data_ptr(), threads)
-            want = torch.stack([_strategies._tree_sum(t[index].view(candidates, levels)) for t in table], 1)
-            assert torch.equal(got, want), (rows, pairs, candidates, levels, threads)
-            # A tree, not a left-to-right loop: the order is what the torch path uses.
-            assert torch.allclose(got, torch.stack([t[index].view(candidates, levels).sum(1) for t in table], 1))
+            assert torch.equal(got, _strategies._tree_sum(gathered)), (rows, pairs, candidates, levels, threads)
+            assert torch.equal(got, _strategies._level_sums(table, index, candidates, levels))
+            # By hand for one entry: the tree's pairs, not a left-to-right loop.
+            v = gathered[candidates - 1, :, rows - 1].tolist()
+            while len(v) > 1:
+                h = len(v) // 2
+                v = [v[j] + v[j + h] for j in range(h)] + v[2 * h:]
+            assert float(got[candidates - 1, rows - 1]) == v[0]
     bad = torch.tensor([0, 1, 10], dtype=torch.int64)
     with pytest.raises(ValueError, match="outside the pair table"):
         native.kernels.level_sums(table.data_ptr(), 1, 10, bad.data_ptr(), 1, 3, got.data_ptr(), 1)
@@ -664,3 +669,31 @@ def test_entropy_picks_are_the_same_with_and_without_the_c_kernels(monkeypatch):
     with_kernels = [entropy_amax_batch(counts, edges, **o) for o in options]
     monkeypatch.setattr(_strategies, "KERNELS", False)
     assert [entropy_amax_batch(counts, edges, **o) for o in options] == with_kernels
+
+
+def test_pair_ratios_kernel_and_torch_give_the_same_bits(monkeypatch):
+    """The C pair table (mass and clamped mass per non-empty bin of every level bin range)
+    equals the torch gathers bit for bit, empty ranges included; a range outside the prefix
+    sums is refused."""
+    from torch_nvdla.calib import native
+
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    g = torch.Generator().manual_seed(10)
+    counts = torch.randint(0, 5, (300, 6), generator=g).to(torch.float64) * torch.rand(300, 6, generator=g,
+                                                                                          dtype=torch.float64)
+    counts[100:180] = 0  # empty ranges: M = 0, n clamped to 1, ratio clamped to tiny
+    pad = torch.zeros(1, 6, dtype=torch.float64)
+    mass = torch.cat([pad, counts.cumsum(0)])
+    nonempty = torch.cat([pad, (counts > 0).to(torch.float64).cumsum(0)])
+    index = _strategies._entropy_index(300, 128, 1, 128, torch.device("cpu"))
+    got = _strategies._pair_ratios(mass, nonempty, index)
+    monkeypatch.setattr(_strategies, "KERNELS", False)
+    want = _strategies._pair_ratios(mass, nonempty, index)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert float(got[1].min()) == _strategies._TINY
+    bad = torch.tensor([0, 301], dtype=torch.int64)
+    out = torch.empty(2, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="outside the prefix sums"):
+        native.kernels.pair_ratios(mass.data_ptr(), nonempty.data_ptr(), 301, 6, bad.data_ptr(), bad.data_ptr(), 2,
+                                   _strategies._TINY, out.data_ptr(), out.data_ptr())

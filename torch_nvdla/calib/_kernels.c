@@ -12,7 +12,7 @@
  *
  * extremes: min and max of such a buffer by integer keys (see below).
  *
- * level_sums: the entropy search's gather-and-sum of its pair table.
+ * pair_ratios, level_sums: the entropy search's pair table and its gather-and-sum.
  *
  * Built as an optional extension (setup.py); without it the torch paths are used. Plain
  * C11, no target-specific flags: it runs on any x86-64 (or other) CPU it was compiled on.
@@ -36,8 +36,10 @@
  * are counted. */
 #define WAYS 4
 #define BLOCK 512
-/* A sub-histogram bin counts at most FLUSH / WAYS values between flushes (< 2**32). */
-#define FLUSH ((int64_t)1 << 31)
+/* Sub-histograms are uint16 (four of 2 * 2048 bins fit a 32 KiB L1 cache). Between
+ * flushes a way receives at most FLUSH / WAYS values plus the up to WAYS - 1 of a call's
+ * last partial round (always way 0), so no bin passes UINT16_MAX. */
+#define FLUSH ((int64_t)WAYS * (UINT16_MAX - WAYS))
 
 /* On x86-64 with GCC, an AVX2 clone of each kernel is chosen at load time on CPUs that
  * have AVX2 (the same arithmetic, wider vectors); every other CPU runs the baseline. */
@@ -48,7 +50,7 @@
 #endif
 
 #define DEFINE_COUNT(NAME, T)                                                               \
-    CLONES static void NAME(const T *x, int64_t n, int32_t bins, T pre, T step, uint32_t *ways,    \
+    CLONES static void NAME(const T *x, int64_t n, int32_t bins, T pre, T step, uint16_t *ways,    \
                      int64_t *counts) {                                                     \
         const int32_t width = 2 * bins;                                                     \
         const T hi = (T)(bins - 1); /* trunc(y) is the same for y in [hi, bins) */          \
@@ -81,12 +83,12 @@
         flush(ways, width, counts);                                                         \
     }
 
-static void flush(uint32_t *ways, int32_t width, int64_t *counts) {
+static void flush(uint16_t *ways, int32_t width, int64_t *counts) {
     for (int32_t w = 0; w < WAYS; w++) {
-        uint32_t *h = ways + (size_t)w * width;
+        uint16_t *h = ways + (size_t)w * width;
         for (int32_t b = 0; b < width; b++) counts[b] += h[b];
     }
-    memset(ways, 0, sizeof(uint32_t) * (size_t)WAYS * width);
+    memset(ways, 0, sizeof(uint16_t) * (size_t)WAYS * width);
 }
 
 DEFINE_COUNT(count_float, float)
@@ -131,8 +133,8 @@ static void release(void *p, size_t bytes) {
  * memory (counts untouched). */
 static int count_serial(const void *data, int64_t n, int wide, int32_t bins, double pre, double step,
                         int64_t *counts) {
-    const size_t bytes = (size_t)WAYS * 2 * (size_t)bins * sizeof(uint32_t);
-    uint32_t *ways = scratch(0, bytes);
+    const size_t bytes = (size_t)WAYS * 2 * (size_t)bins * sizeof(uint16_t);
+    uint16_t *ways = scratch(0, bytes);
     if (ways == NULL) return -1;
     if (wide)
         count_double((const double *)data, n, bins, pre, step, ways, counts);
@@ -287,66 +289,75 @@ static PyObject *extremes(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(count_doc,
-"count(data_ptr, n, wide, bins, pre, step, counts_ptr, threads=1)\n\n"
+"count(data_ptr, n, wide, bins, pre, step, counts_ptr, threads=1, also_ptr=0)\n\n"
 "Add the signed bin counts of n contiguous values at data_ptr (float64 when wide, else\n"
 "float32) to the 2 * bins int64 counts at counts_ptr, using up to `threads` OpenMP\n"
-"threads for large buffers. The GIL is released meanwhile.");
+"threads for large buffers; then, when also_ptr is not 0, add the 2 * bins counts at\n"
+"counts_ptr to those at also_ptr (zeroed counts and a running total at the same range:\n"
+"the total gains these values). The GIL is released meanwhile.");
 
 static PyObject *count(PyObject *self, PyObject *args) {
-    unsigned long long data, out;
+    unsigned long long data, out, also = 0;
     Py_ssize_t n;
     int wide, bins, threads = 1, rc;
     double pre, step;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KnpiddK|i", &data, &n, &wide, &bins, &pre, &step, &out, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "KnpiddK|iK", &data, &n, &wide, &bins, &pre, &step, &out, &threads, &also))
+        return NULL;
     if (n < 0 || bins < 1 || bins > (1 << 24) || threads < 1) {
         PyErr_SetString(PyExc_ValueError, "count: n must be >= 0, bins in [1, 2**24] and threads >= 1");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
     rc = count_parts((const void *)(uintptr_t)data, n, wide, bins, pre, step, (int64_t *)(uintptr_t)out, threads);
+    if (rc == 0 && also != 0) {
+        const int64_t *c = (const int64_t *)(uintptr_t)out;
+        int64_t *total = (int64_t *)(uintptr_t)also;
+        for (int32_t b = 0; b < 2 * bins; b++) total[b] += c[b];
+    }
     Py_END_ALLOW_THREADS
     if (rc != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
-/* The entropy search's level sums (strategies.py, _entropy_rows): for every histogram t
- * and candidate k, the sum of the L pair-table entries table[t][index[k][l]], added as a
+/* The entropy search's level sums (strategies.py, _entropy_rows): for every candidate k
+ * and histogram t, the sum of the L pair-table entries table[index[k][l]][t], added as a
  * binary tree (v[j] += v[j + h] for j < h = n / 2, an odd last entry carried; the order
- * the torch path uses too, so both give the same bits). */
+ * the torch path uses too, so both give the same bits). The table is pairs x rows: one
+ * look-up brings a level's entries of every histogram, summed as vectors of `rows`. */
 static int level_sums_rows(const double *table, int64_t rows, int64_t pairs, const int64_t *index,
-                           int64_t candidates, int32_t levels, double *out, int64_t k0, int64_t k1) {
-    double *v = malloc(sizeof(double) * (size_t)levels);
+                           int32_t levels, double *out, int64_t k0, int64_t k1) {
+    double *v = malloc(sizeof(double) * (size_t)levels * (size_t)rows);
     if (v == NULL) return -2;
-    for (int64_t k = k0; k < k1; k++)
-        for (int32_t l = 0; l < levels; l++)
-            if (index[k * levels + l] < 0 || index[k * levels + l] >= pairs) {
+    for (int64_t k = k0; k < k1; k++) {
+        const int64_t *ix = index + k * levels;
+        for (int32_t l = 0; l < levels; l++) {
+            if (ix[l] < 0 || ix[l] >= pairs) {
                 free(v);
                 return -1;
             }
-    for (int64_t t = 0; t < rows; t++) { /* one histogram's table at a time: it stays in cache */
-        const double *g = table + t * pairs;
-        for (int64_t k = k0; k < k1; k++) {
-            const int64_t *ix = index + k * levels;
-            for (int32_t l = 0; l < levels; l++) v[l] = g[ix[l]];
-            int32_t n = levels;
-            while (n > 1) {
-                const int32_t h = n / 2;
-                for (int32_t j = 0; j < h; j++) v[j] += v[j + h];
-                if (n & 1) v[h] = v[2 * h];
-                n = h + (n & 1);
-            }
-            out[k * rows + t] = v[0];
+            memcpy(v + (size_t)l * rows, table + ix[l] * rows, sizeof(double) * (size_t)rows);
         }
+        int32_t n = levels;
+        while (n > 1) {
+            const int32_t h = n / 2;
+            for (int32_t j = 0; j < h; j++) {
+                double *a = v + (size_t)j * rows;
+                const double *b = v + (size_t)(j + h) * rows;
+                for (int64_t t = 0; t < rows; t++) a[t] += b[t];
+            }
+            if (n & 1) memcpy(v + (size_t)h * rows, v + (size_t)(2 * h) * rows, sizeof(double) * (size_t)rows);
+            n = h + (n & 1);
+        }
+        memcpy(out + k * rows, v, sizeof(double) * (size_t)rows);
     }
     free(v);
-    (void)candidates;
     return 0;
 }
 
 PyDoc_STRVAR(level_sums_doc,
 "level_sums(table_ptr, rows, pairs, index_ptr, candidates, levels, out_ptr, threads=1)\n\n"
-"out[k, t] = tree sum over l < levels of table[t, index[k, l]]: table is rows x pairs\n"
+"out[k, t] = tree sum over l < levels of table[index[k, l], t]: table is pairs x rows\n"
 "float64, index candidates x levels int64 (each entry in [0, pairs)), out candidates x rows\n"
 "float64, all contiguous. Up to `threads` OpenMP threads; the GIL is released meanwhile.");
 
@@ -371,16 +382,82 @@ static PyObject *level_sums(PyObject *self, PyObject *args) {
 #pragma omp parallel num_threads(threads) reduction(| : failed)
         {
             const int64_t k = omp_get_thread_num(), t = omp_get_num_threads();
-            failed |= -level_sums_rows(tb, rows, pairs, ix, candidates, levels, o, candidates * k / t,
-                                       candidates * (k + 1) / t);
+            failed |= -level_sums_rows(tb, rows, pairs, ix, levels, o, candidates * k / t, candidates * (k + 1) / t);
         }
     } else
 #endif
-        failed = -level_sums_rows(tb, rows, pairs, ix, candidates, levels, o, 0, candidates);
+        failed = -level_sums_rows(tb, rows, pairs, ix, levels, o, 0, candidates);
     Py_END_ALLOW_THREADS
     if (failed & 2) return PyErr_NoMemory();
     if (failed) {
         PyErr_SetString(PyExc_ValueError, "level_sums: an index entry is outside the pair table");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The entropy search's pair table (strategies.py, _entropy_rows): for every level bin
+ * range p = [lo, hi) and histogram t, its mass M = mass[hi][t] - mass[lo][t] and
+ * ratio = max((1 / n) * M, tiny) with n = max(nonempty[hi][t] - nonempty[lo][t], 1), from
+ * the prefix sums (bounds x rows). The operations the torch path does, in its order. */
+static int pair_ratios_rows(const double *mass, const double *nonempty, int64_t bounds, int64_t rows,
+                            const int64_t *lo, const int64_t *hi, double tiny, double *m_out, double *r_out,
+                            int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+        if (lo[p] < 0 || lo[p] >= bounds || hi[p] < 0 || hi[p] >= bounds) return -1;
+        const double *ml = mass + lo[p] * rows, *mh = mass + hi[p] * rows;
+        const double *nl = nonempty + lo[p] * rows, *nh = nonempty + hi[p] * rows;
+        double *m = m_out + p * rows, *r = r_out + p * rows;
+        for (int64_t t = 0; t < rows; t++) {
+            const double mt = mh[t] - ml[t];
+            double n = nh[t] - nl[t];
+            n = n < 1.0 ? 1.0 : n;
+            double ratio = (1.0 / n) * mt;
+            m[t] = mt;
+            r[t] = ratio < tiny ? tiny : ratio;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(pair_ratios_doc,
+"pair_ratios(mass_ptr, nonempty_ptr, bounds, rows, lo_ptr, hi_ptr, pairs, tiny, mass_out_ptr,\n"
+"            ratio_out_ptr, threads=1)\n\n"
+"For every pair p and row t: mass_out[p, t] = mass[hi[p], t] - mass[lo[p], t] and\n"
+"ratio_out[p, t] = max((1 / n) * mass_out[p, t], tiny), n = max(nonempty[hi[p], t] -\n"
+"nonempty[lo[p], t], 1). mass and nonempty are bounds x rows float64, lo and hi pairs int64\n"
+"(each in [0, bounds)), the outputs pairs x rows float64, all contiguous.");
+
+static PyObject *pair_ratios(PyObject *self, PyObject *args) {
+    unsigned long long mass, nonempty, lo, hi, m_out, r_out;
+    Py_ssize_t bounds, rows, pairs;
+    double tiny;
+    int threads = 1, failed = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnKKndKK|i", &mass, &nonempty, &bounds, &rows, &lo, &hi, &pairs, &tiny, &m_out,
+                          &r_out, &threads))
+        return NULL;
+    if (bounds < 1 || rows < 0 || pairs < 0 || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "pair_ratios: bounds >= 1, rows, pairs >= 0, threads >= 1");
+        return NULL;
+    }
+    const double *ms = (const double *)(uintptr_t)mass, *ne = (const double *)(uintptr_t)nonempty;
+    const int64_t *l = (const int64_t *)(uintptr_t)lo, *h = (const int64_t *)(uintptr_t)hi;
+    double *mo = (double *)(uintptr_t)m_out, *ro = (double *)(uintptr_t)r_out;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+    if (threads > 1 && pairs * rows >= 2 * MIN_PER_THREAD) {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            const int64_t k = omp_get_thread_num(), t = omp_get_num_threads();
+            failed |= -pair_ratios_rows(ms, ne, bounds, rows, l, h, tiny, mo, ro, pairs * k / t, pairs * (k + 1) / t);
+        }
+    } else
+#endif
+        failed = -pair_ratios_rows(ms, ne, bounds, rows, l, h, tiny, mo, ro, 0, pairs);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_SetString(PyExc_ValueError, "pair_ratios: a bin range is outside the prefix sums");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -400,6 +477,7 @@ static PyMethodDef methods[] = {
     {"count", count, METH_VARARGS, count_doc},
     {"extremes", extremes, METH_VARARGS, extremes_doc},
     {"level_sums", level_sums, METH_VARARGS, level_sums_doc},
+    {"pair_ratios", pair_ratios, METH_VARARGS, pair_ratios_doc},
     {"openmp", openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
     {NULL, NULL, 0, NULL},
 };

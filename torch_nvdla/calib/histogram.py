@@ -234,21 +234,41 @@ class Histogram:
         return cls(_count_device(flat, bins, r), r, lo, hi, finite, flat.numel())
 
     @classmethod
-    def _of_cpu(cls, flat: torch.Tensor, bins: int) -> "Histogram":
+    def _of_cpu(cls, flat: torch.Tensor, bins: int, total: "Histogram | None" = None) -> "Histogram":
         """:meth:`of` for a non-empty CPU tensor: the extremes are read once, as Python
-        floats, and the range follows from them without further tensor operations."""
+        floats, and the range follows from them without further tensor operations.
+
+        With ``total`` (a CPU histogram), the result is also merged into it, in the same
+        kernel call when both have the same range (the usual case once a tap's range has
+        settled)."""
         if bins < 1 or bins & (bins - 1):
             raise ValueError(f"bins must be a power of two >= 1, got {bins}")
         if KERNELS:
             flat = _native_ready(flat)
-            lo, hi = kernels.extremes(flat.data_ptr(), flat.numel(), flat.dtype == _F64, threads())
+            ptr, n, wide = flat.data_ptr(), flat.numel(), flat.dtype == _F64
+            lo, hi = kernels.extremes(ptr, n, wide, threads())
         else:
             lo, hi = (float(v) for v in torch.aminmax(flat))
+            n = flat.numel()
         finite = math.isfinite(lo) and math.isfinite(hi)
         r = _pow2_above_float(max(-lo, hi) if finite else 0.0)
-        # Counts of a non-finite tensor are meaningless (the caller reports the tap).
-        counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
-        return cls._of_floats(counts, r, lo, hi, finite, flat.numel())
+        if KERNELS and finite:
+            counts = torch.zeros(2 * bins, dtype=torch.int64)
+            pre, step = _scaling(bins, r)
+            into = total is not None and total._range == r and total.bins == bins
+            kernels.count(ptr, n, wide, bins, pre, step, counts.data_ptr(), threads(),
+                          total.counts.data_ptr() if into else 0)
+            h = cls._of_floats(counts, r, lo, hi, finite, n)
+            if into:
+                total._merge_scalars(h)
+                return h
+        else:
+            # Counts of a non-finite tensor are meaningless (the caller reports the tap).
+            counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
+            h = cls._of_floats(counts, r, lo, hi, finite, n)
+        if total is not None:
+            total.merge_(h)
+        return h
 
     def rebinned(self, new_range: torch.Tensor | float) -> torch.Tensor:
         """Counts at a larger power-of-two range ``new_range >= self.range``.
@@ -300,8 +320,8 @@ class Histogram:
         return self
 
     def _merge_cpu(self, other: "Histogram") -> "Histogram":
-        """:meth:`merge_` on the CPU: Python-number scalars (NaN wins, as in
-        ``torch.minimum``), the counts added in place at the same range."""
+        """:meth:`merge_` on the CPU: Python-number scalars, the counts added in place at
+        the same range."""
         if self._range == other._range:
             self.counts += other.counts
         elif self._range > other._range:
@@ -309,6 +329,10 @@ class Histogram:
         else:
             self.counts = self._rebinned_cpu(other._range).add_(other.counts)
             self._range = other._range
+        return self._merge_scalars(other)
+
+    def _merge_scalars(self, other: "Histogram") -> "Histogram":
+        """The CPU merge of everything but the counts (NaN wins, as in ``torch.minimum``)."""
         lo, hi = other._min, other._max
         if lo < self._min or (lo != lo and self._min == self._min):
             self._min = lo
@@ -427,6 +451,11 @@ class HistogramObserver:
 
     def update(self, x: torch.Tensor) -> None:
         """Add one tensor's values."""
+        if x.device.type == "cpu" and self._device is None and self.hist is not None and x.numel() \
+                and self.hist.device.type == "cpu":
+            # The CPU fast path: counted straight into the running total where it can be.
+            self.last = Histogram._of_cpu(_flat(x.detach()), self.bins, self.hist)
+            return
         h = Histogram.of(x if self._device is None else x.to(self._device), self.bins)
         self.update_histogram(h)
 

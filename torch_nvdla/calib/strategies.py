@@ -475,8 +475,9 @@ def _entropy_rows(c_raw: torch.Tensor, e: torch.Tensor, levels: int, start: int,
     (``T x (N + 1)``): a ``(T,)`` float64 tensor (see :func:`entropy_amax`; no host read).
 
     The work runs on columns (``N x T``: a gather of bins takes whole rows of ``T``
-    values), except the sum over each candidate's levels, which runs per histogram on
-    contiguous rows (the same summation order for one histogram or many).
+    values), the pair table too (``P x T``); each candidate's sum over its levels is a
+    binary tree in a fixed order (the same bits for one histogram or many, with or
+    without the C kernels).
     """
     n_bins, rows = c_raw.shape[1], c_raw.shape[0]
     zero = torch.zeros((), dtype=torch.float64, device=e.device)
@@ -502,10 +503,8 @@ def _entropy_rows(c_raw: torch.Tensor, e: torch.Tensor, levels: int, start: int,
     # sum_l g_l of every candidate: one (K, L) gather of that table per histogram (in
     # blocks of candidates, see _row_blocks). Each g is computed once however many
     # candidates share its range.
-    level_mass = take(mass, index.pair_hi) - take(mass, index.pair_lo)  # M (exact)
-    level_nonempty = (take(nonempty, index.pair_hi) - take(nonempty, index.pair_lo)).clamp_min_(1.0)
-    ratio = level_nonempty.reciprocal_().mul_(level_mass).clamp_min_(_TINY)  # M / n (n = 0 only if M = 0)
-    pair_g = _log_(ratio).mul_(level_mass).t().contiguous()  # (T, P)
+    level_mass, ratio = _pair_ratios(mass, nonempty, index)
+    pair_g = _log_(ratio).mul_(level_mass)  # (P, T)
     g = _level_sums(pair_g, index.levels, index.candidates.numel(), levels)
 
     cand = index.candidates
@@ -534,26 +533,42 @@ def _entropy_rows(c_raw: torch.Tensor, e: torch.Tensor, levels: int, start: int,
     return torch.where(raw_total > 0, amax, zero)
 
 
+def _pair_ratios(mass: torch.Tensor, nonempty: torch.Tensor, index: _EntropyIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, max(M / n, tiny))`` of every pair-table bin range and histogram (``P x T``):
+    ``M`` its mass, ``n`` its non-empty bins (at least 1; ``n = 0`` only if ``M = 0``), from
+    the prefix sums (``(N + 1) x T``). The C kernel when it runs (one pass), else gathers;
+    the same operations in the same order either way."""
+    if mass.device.type == "cpu" and KERNELS:
+        pairs, rows = index.pair_lo.numel(), mass.shape[1]
+        level_mass = torch.empty(pairs, rows, dtype=torch.float64)
+        ratio = torch.empty(pairs, rows, dtype=torch.float64)
+        kernels.pair_ratios(mass.data_ptr(), nonempty.data_ptr(), mass.shape[0], rows, index.pair_lo.data_ptr(),
+                            index.pair_hi.data_ptr(), pairs, _TINY, level_mass.data_ptr(), ratio.data_ptr(), threads())
+        return level_mass, ratio
+    level_mass = mass.index_select(0, index.pair_hi) - mass.index_select(0, index.pair_lo)  # M (exact)
+    level_nonempty = (nonempty.index_select(0, index.pair_hi) - nonempty.index_select(0, index.pair_lo)).clamp_min_(1.0)
+    return level_mass, level_nonempty.reciprocal_().mul_(level_mass).clamp_min_(_TINY)
+
+
 def _level_sums(pair_g: torch.Tensor, level_index: torch.Tensor, candidates: int, levels: int) -> torch.Tensor:
     """``(K, T)``: for every candidate ``k`` and histogram ``t``, the sum of the ``L``
-    pair-table entries ``pair_g[t, level_index[k * L + l]]``, added as a binary tree
-    (:func:`_tree_sum`). The C kernel when it runs, else gathers in blocks of candidates;
-    the same bits either way."""
-    rows = pair_g.shape[0]
+    pair-table entries ``pair_g[level_index[k * L + l], t]`` (``pair_g`` is ``P x T``),
+    added as a binary tree (:func:`_tree_sum`). The C kernel when it runs, else gathers in
+    blocks of candidates; the same bits either way."""
+    rows = pair_g.shape[1]
     if pair_g.device.type == "cpu" and KERNELS:
         out = torch.empty(candidates, rows, dtype=torch.float64)
-        kernels.level_sums(pair_g.data_ptr(), rows, pair_g.shape[1], level_index.data_ptr(), candidates, levels,
+        kernels.level_sums(pair_g.data_ptr(), rows, pair_g.shape[0], level_index.data_ptr(), candidates, levels,
                            out.data_ptr(), threads())
         return out
-    blocks = level_index.split(_row_blocks(candidates, levels, pair_g.device) * levels)
-    return torch.stack([torch.cat([_tree_sum(table.index_select(0, b).view(-1, levels)) for b in blocks])
-                        for table in pair_g], 1)
+    blocks = level_index.split(_row_blocks(candidates, levels * rows, pair_g.device) * levels)
+    return torch.cat([_tree_sum(pair_g.index_select(0, b).view(-1, levels, rows)) for b in blocks])
 
 
 def _tree_sum(v: torch.Tensor) -> torch.Tensor:
-    """The sum of every row of ``v`` as a binary tree: ``v[:, j] += v[:, j + h]`` for
-    ``j < h = n // 2`` (an odd last column carried) until one column is left. A fixed order,
-    so that the C kernel and torch give the same bits."""
+    """The sum over dimension 1 of ``v`` as a binary tree: ``v[:, j] += v[:, j + h]`` for
+    ``j < h = n // 2`` (an odd last entry carried) until one is left. A fixed order, so
+    that the C kernel and torch give the same bits."""
     while v.shape[1] > 1:
         n, h = v.shape[1], v.shape[1] // 2
         head = v[:, :h] + v[:, h:2 * h]
