@@ -455,3 +455,28 @@ def test_histogram_is_the_same_with_and_without_the_c_kernels(monkeypatch):
     monkeypatch.setattr(histogram, "KERNELS", False)
     for x, h in zip(xs, native_hs):
         _same(h, Histogram.of(x))
+
+
+def test_relu_paths_agree_with_and_without_the_c_kernels(monkeypatch):
+    """A ReLU's histogram from its input's -- by the C fold or torch, alone or added into a
+    running total at the same or another range -- equals the histogram of relu(x) itself;
+    ``count`` overwrites whatever its output held."""
+    from torch_nvdla.calib import histogram, native
+
+    g = torch.Generator().manual_seed(14)
+    parts = [torch.randn(3000, generator=g) * s + 0.5 for s in (1.0, 1.0, 6.0, 0.1)]  # ranges 8, 8, 32, 1
+    assert all(Histogram.of(p).relu_is_exact() for p in parts)
+    for kernels in ([True, False] if native.kernels is not None else [False]):
+        monkeypatch.setattr(histogram, "KERNELS", kernels)
+        direct, derived = HistogramObserver(), HistogramObserver()
+        for p in parts:
+            direct.update(torch.relu(p))
+            derived.update_relu_of(Histogram.of(p))
+            _same(derived.last, Histogram.of(torch.relu(p)))
+        _same(derived.histogram, direct.histogram)
+        _same(derived.histogram, Histogram.of(torch.relu(torch.cat(parts))))
+    if native.kernels is not None:
+        x = torch.randn(1000, generator=g)
+        out = torch.full((512,), 7, dtype=torch.int64)
+        native.kernels.count(x.data_ptr(), x.numel(), False, 256, 1.0, 256.0 / 8.0, out.data_ptr(), 1)
+        assert int(out.sum()) == x.numel()

@@ -12,6 +12,8 @@
  *
  * extremes: min and max of such a buffer by integer keys (see below).
  *
+ * relu_fold: a ReLU's counts from its input's (the non-positive side moved to bin 0).
+ *
  * pair_ratios, level_sums: the entropy search's pair table and its gather-and-sum.
  *
  * Built as an optional extension (setup.py); without it the torch paths are used. Plain
@@ -290,11 +292,10 @@ static PyObject *extremes(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(count_doc,
 "count(data_ptr, n, wide, bins, pre, step, counts_ptr, threads=1, also_ptr=0)\n\n"
-"Add the signed bin counts of n contiguous values at data_ptr (float64 when wide, else\n"
-"float32) to the 2 * bins int64 counts at counts_ptr, using up to `threads` OpenMP\n"
-"threads for large buffers; then, when also_ptr is not 0, add the 2 * bins counts at\n"
-"counts_ptr to those at also_ptr (zeroed counts and a running total at the same range:\n"
-"the total gains these values). The GIL is released meanwhile.");
+"Write the signed bin counts of n contiguous values at data_ptr (float64 when wide, else\n"
+"float32) to the 2 * bins int64 at counts_ptr, using up to `threads` OpenMP threads for\n"
+"large buffers; when also_ptr is not 0, also add them to the 2 * bins int64 there (a\n"
+"running total at the same range). The GIL is released meanwhile.");
 
 static PyObject *count(PyObject *self, PyObject *args) {
     unsigned long long data, out, also = 0;
@@ -309,6 +310,7 @@ static PyObject *count(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
+    memset((void *)(uintptr_t)out, 0, sizeof(int64_t) * 2 * (size_t)bins);
     rc = count_parts((const void *)(uintptr_t)data, n, wide, bins, pre, step, (int64_t *)(uintptr_t)out, threads);
     if (rc == 0 && also != 0) {
         const int64_t *c = (const int64_t *)(uintptr_t)out;
@@ -463,6 +465,34 @@ static PyObject *pair_ratios(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(relu_fold_doc,
+"relu_fold(counts_ptr, out_ptr, bins, also_ptr=0)\n\n"
+"The counts of relu(x) from the 2 * bins int64 signed counts of x: out[bins] gets every\n"
+"count of bins 0 .. bins (the non-positive values, now 0, and the first positive bin),\n"
+"out[bins + j] = counts[bins + j] above it, out[0 .. bins) = 0. When also_ptr is not 0,\n"
+"out is also added to the 2 * bins int64 there (a running total at the same range).");
+
+static PyObject *relu_fold(PyObject *self, PyObject *args) {
+    unsigned long long counts, out, also = 0;
+    int bins;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKi|K", &counts, &out, &bins, &also)) return NULL;
+    if (bins < 1 || bins > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "relu_fold: bins in [1, 2**24]");
+        return NULL;
+    }
+    const int64_t *c = (const int64_t *)(uintptr_t)counts;
+    int64_t *o = (int64_t *)(uintptr_t)out, *total = (int64_t *)(uintptr_t)also;
+    int64_t zero = 0;
+    for (int32_t b = 0; b <= bins; b++) zero += c[b];
+    memset(o, 0, sizeof(int64_t) * (size_t)bins);
+    o[bins] = zero;
+    memcpy(o + bins + 1, c + bins + 1, sizeof(int64_t) * (size_t)(bins - 1));
+    if (total != NULL)
+        for (int32_t b = bins; b < 2 * bins; b++) total[b] += o[b];
+    Py_RETURN_NONE;
+}
+
 static PyObject *openmp(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -478,6 +508,7 @@ static PyMethodDef methods[] = {
     {"extremes", extremes, METH_VARARGS, extremes_doc},
     {"level_sums", level_sums, METH_VARARGS, level_sums_doc},
     {"pair_ratios", pair_ratios, METH_VARARGS, pair_ratios_doc},
+    {"relu_fold", relu_fold, METH_VARARGS, relu_fold_doc},
     {"openmp", openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
     {NULL, NULL, 0, NULL},
 };

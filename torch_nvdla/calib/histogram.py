@@ -62,7 +62,7 @@ def _native_ready(flat: torch.Tensor) -> torch.Tensor:
 def _count_cpu_native(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
     """:func:`_count_cpu` by the C kernel: one pass, no scratch."""
     flat = _native_ready(flat)
-    counts = torch.zeros(2 * bins, dtype=torch.int64)
+    counts = torch.empty(2 * bins, dtype=torch.int64)  # (the kernel writes every bin)
     pre, step = _scaling(bins, r)
     kernels.count(flat.data_ptr(), flat.numel(), flat.dtype == torch.float64, bins, pre, step, counts.data_ptr(),
                   threads())
@@ -130,6 +130,7 @@ def _pow2_above_float(m: float) -> float:
 
 
 _F64 = torch.float64
+_NATIVE_DTYPES = (torch.float32, torch.float64)  # what the C kernels read
 
 
 class Histogram:
@@ -234,39 +235,44 @@ class Histogram:
         return cls(_count_device(flat, bins, r), r, lo, hi, finite, flat.numel())
 
     @classmethod
-    def _of_cpu(cls, flat: torch.Tensor, bins: int, total: "Histogram | None" = None) -> "Histogram":
+    def _of_cpu(cls, flat: torch.Tensor, bins: int) -> "Histogram":
         """:meth:`of` for a non-empty CPU tensor: the extremes are read once, as Python
-        floats, and the range follows from them without further tensor operations.
-
-        With ``total`` (a CPU histogram), the result is also merged into it, in the same
-        kernel call when both have the same range (the usual case once a tap's range has
-        settled)."""
+        floats, and the range follows from them without further tensor operations."""
         if bins < 1 or bins & (bins - 1):
             raise ValueError(f"bins must be a power of two >= 1, got {bins}")
         if KERNELS:
-            flat = _native_ready(flat)
-            ptr, n, wide = flat.data_ptr(), flat.numel(), flat.dtype == _F64
-            lo, hi = kernels.extremes(ptr, n, wide, threads())
-        else:
-            lo, hi = (float(v) for v in torch.aminmax(flat))
-            n = flat.numel()
+            return cls._of_native(_native_ready(flat), bins)
+        lo, hi = (float(v) for v in torch.aminmax(flat))
         finite = math.isfinite(lo) and math.isfinite(hi)
         r = _pow2_above_float(max(-lo, hi) if finite else 0.0)
-        if KERNELS and finite:
-            counts = torch.zeros(2 * bins, dtype=torch.int64)
-            pre, step = _scaling(bins, r)
-            into = total is not None and total._range == r and total.bins == bins
-            kernels.count(ptr, n, wide, bins, pre, step, counts.data_ptr(), threads(),
-                          total.counts.data_ptr() if into else 0)
-            h = cls._of_floats(counts, r, lo, hi, finite, n)
-            if into:
-                total._merge_scalars(h)
-                return h
-        else:
+        # Counts of a non-finite tensor are meaningless (the caller reports the tap).
+        counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
+        return cls._of_floats(counts, r, lo, hi, finite, flat.numel())
+
+    @classmethod
+    def _of_native(cls, buf: torch.Tensor, bins: int, total: "Histogram | None" = None) -> "Histogram":
+        """:meth:`_of_cpu` by the C kernels, of a contiguous float32/float64 CPU tensor of any
+        shape. With ``total`` (a CPU histogram of ``bins``), the result is also merged into it:
+        in the counting kernel itself when both have the same range (the usual case once a
+        tap's range has settled)."""
+        ptr, n, wide = buf.data_ptr(), buf.numel(), buf.dtype == _F64
+        lo, hi = kernels.extremes(ptr, n, wide, threads())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             # Counts of a non-finite tensor are meaningless (the caller reports the tap).
-            counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
-            h = cls._of_floats(counts, r, lo, hi, finite, n)
-        if total is not None:
+            h = cls._of_floats(torch.zeros(2 * bins, dtype=torch.int64), 2.0**_TINY_EXP, lo, hi, False, n)
+            if total is not None:
+                total.merge_(h)
+            return h
+        r = _pow2_above_float(max(-lo, hi))
+        counts = torch.empty(2 * bins, dtype=torch.int64)  # (the kernel writes every bin)
+        pre, step = _scaling(bins, r)
+        into = total is not None and total._range == r
+        kernels.count(ptr, n, wide, bins, pre, step, counts.data_ptr(), threads(),
+                      total.counts.data_ptr() if into else 0)
+        h = cls._of_floats(counts, r, lo, hi, True, n)
+        if into:
+            total._merge_scalars(h)
+        elif total is not None:
             total.merge_(h)
         return h
 
@@ -362,17 +368,39 @@ class Histogram:
 
         Every non-positive value becomes 0, which falls in the first non-negative bin.
         """
-        bins = self.bins
-        counts = torch.zeros_like(self.counts)
-        counts[bins:] = self.counts[bins:]
-        counts[bins] += self.counts[:bins].sum()
-        empty = self.numel == 0
-        if self.device.type == "cpu":
-            lo, hi = (v if empty else max(v, 0.0) for v in (self._min, self._max))
-            return Histogram._of_floats(counts, self._range, lo, hi, self._finite, self.numel)
-        zero = torch.zeros((), dtype=_F64, device=self.device)
-        lo, hi = (v.clone() if empty else torch.maximum(v, zero) for v in (self._min, self._max))
-        return Histogram(counts, self._range.clone(), lo, hi, self._finite.clone(), self.numel)
+        return self._relu_into(None)
+
+    def _relu_into(self, total: "Histogram | None") -> "Histogram":
+        """:meth:`relu`, also merged into ``total`` (a histogram of as many bins) when given:
+        by the C kernel itself when both are CPU histograms at the same range."""
+        bins, empty = self.bins, self.numel == 0
+        if self.device.type != "cpu":
+            counts = torch.zeros_like(self.counts)
+            counts[bins:] = self.counts[bins:]
+            counts[bins] += self.counts[:bins].sum()
+            zero = torch.zeros((), dtype=_F64, device=self.device)
+            lo, hi = (v.clone() if empty else torch.maximum(v, zero) for v in (self._min, self._max))
+            h = Histogram(counts, self._range.clone(), lo, hi, self._finite.clone(), self.numel)
+            if total is not None:
+                total.merge_(h)
+            return h
+        lo, hi = (v if empty else max(v, 0.0) for v in (self._min, self._max))
+        into = total is not None and total.device.type == "cpu" and total._range == self._range
+        if KERNELS:
+            counts = torch.empty_like(self.counts)  # (the kernel writes every bin)
+            kernels.relu_fold(self.counts.data_ptr(), counts.data_ptr(), bins, total.counts.data_ptr() if into else 0)
+        else:
+            counts = torch.zeros_like(self.counts)
+            counts[bins:] = self.counts[bins:]
+            counts[bins] += self.counts[:bins].sum()
+            if into:
+                total.counts += counts
+        h = Histogram._of_floats(counts, self._range, lo, hi, self._finite, self.numel)
+        if into:
+            total._merge_scalars(h)
+        elif total is not None:
+            total.merge_(h)
+        return h
 
     def relu_is_exact(self) -> bool:
         """Whether :meth:`relu` equals the histogram of ``relu(x)`` computed from the data.
@@ -451,13 +479,22 @@ class HistogramObserver:
 
     def update(self, x: torch.Tensor) -> None:
         """Add one tensor's values."""
-        if x.device.type == "cpu" and self._device is None and self.hist is not None and x.numel() \
-                and self.hist.device.type == "cpu":
+        hist = self.hist
+        if hist is not None and KERNELS and self._device is None and x.device.type == "cpu" \
+                and hist.counts.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and x.is_contiguous() and x.numel():
             # The CPU fast path: counted straight into the running total where it can be.
-            self.last = Histogram._of_cpu(_flat(x.detach()), self.bins, self.hist)
+            self.last = Histogram._of_native(x, self.bins, hist)
             return
         h = Histogram.of(x if self._device is None else x.to(self._device), self.bins)
         self.update_histogram(h)
+
+    def update_relu_of(self, h: Histogram) -> None:
+        """Add the histogram of ``relu(x)`` given ``x``'s histogram ``h`` (exact when
+        ``h.relu_is_exact()``): ``update_histogram(h.relu())``, in one step on the CPU."""
+        if self.hist is None or self.hist.device != h.device:
+            self.update_histogram(h.relu())
+        else:
+            self.last = h._relu_into(self.hist)
 
     def update_histogram(self, h: Histogram) -> None:
         """Add an already computed histogram (a derived tap, another process's counts)."""

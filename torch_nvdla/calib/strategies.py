@@ -459,7 +459,9 @@ def entropy_amax_batch(
     device = _compute_device(counts)
     c_raw = counts.detach().to(device).to(torch.float64)
     e = edges.detach().to(device).to(torch.float64)
-    group = c_raw.shape[0] if device.type != "cpu" else _CPU_ENTROPY_GROUP_KERNELS if KERNELS else _CPU_ENTROPY_GROUP
+    rows = c_raw.shape[0]
+    group = rows if device.type != "cpu" else _CPU_ENTROPY_GROUP_KERNELS if KERNELS else _CPU_ENTROPY_GROUP
+    group = -(-rows // -(-rows // group))  # as many groups, of even sizes (no small last one)
     picks = [_entropy_rows(c, g, *options, copy_first_bin) for c, g in zip(c_raw.split(group), e.split(group))]
     return torch.cat(picks).tolist()
 

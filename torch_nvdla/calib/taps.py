@@ -372,8 +372,9 @@ class TapHooks:
         self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
         self._sites = CallSites(model, on_input=self._on_input, on_call=self._on_call, on_output=self._on_output)
         self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
-        self._seen = TensorMemo()  # tensor -> the tap that observed it in this pass
-        self._made = TensorMemo()  # tensor -> the leaf call (or the input) that made it
+        # tensor -> (the leaf call or "data" that made it, the tap that observed it), as
+        # it is now: either may be None (made by a functional op; not observed).
+        self._memo = TensorMemo()
         self._conv_taps: set[str] = set()  # taps of convolution calls
         self._sites_seen: dict[str, _Site] = {}  # module path -> its _Site
 
@@ -388,8 +389,7 @@ class TapHooks:
     def close(self) -> None:
         """Remove every hook this object registered."""
         self._sites.close()
-        self._seen.clear()
-        self._made.clear()
+        self._memo.clear()
         self._source.clear()
         self._sites_seen.clear()
 
@@ -403,35 +403,36 @@ class TapHooks:
             self.infos[name] = TapInfo(name, path, call, kind, module_type, len(self.infos), derived)
         return obs
 
+    def _record(self, x) -> tuple:
+        """``(made by, observed as)`` of ``x`` in this pass, unmodified since; ``(None, None)``
+        when neither."""
+        return self._memo.get(x) or (None, None)
+
     def _remember(self, x: torch.Tensor, name: str) -> None:
         """Record that tap ``name`` holds the histogram of ``x`` as it is now."""
-        self._seen.remember(x, name)
+        self._memo.remember(x, (self._record(x)[0], name))
 
-    def _observed_as(self, x) -> str | None:
-        """The tap that observed ``x``'s values in this pass, unmodified, if any (``x`` itself
-        or a view of all its elements)."""
-        name = self._seen.get(x)
-        return name if name is not None and self.observers[name].last is not None else None
+    def _observed_as(self, seen: str | None) -> str | None:
+        """``seen`` (the tap that observed a tensor's values in this pass, unmodified, if any:
+        the tensor itself or a view of all its elements) when that tap holds a histogram."""
+        return seen if seen is not None and self.observers[seen].last is not None else None
 
-    def _reusable(self, x) -> str | None:
-        """:meth:`_observed_as`, when the selection lets taps reuse each other's histograms."""
-        return self._observed_as(x) if self.selection.reuse else None
-
-    def _wants_input(self, tap: str, x) -> bool:
-        """Observe call ``tap``'s input ``x``: asked for by name, or (``unseen_inputs``) no tap
-        holds it as it is and no leaf made it unchanged (a functional op's result, or changed
-        in place since), or it is held only as another call's ``:input`` (a functional result
-        read by several calls: each gets its own name, sharing the one histogram)."""
+    def _wants_input(self, tap: str, x, made: str | None, seen: str | None) -> bool:
+        """Observe call ``tap``'s input ``x`` (made by ``made``, observed as ``seen``): asked
+        for by name, or (``unseen_inputs``) no tap holds it as it is and no leaf made it
+        unchanged (a functional op's result, or changed in place since), or it is held only
+        as another call's ``:input`` (a functional result read by several calls: each gets
+        its own name, sharing the one histogram)."""
         if self.selection.inputs and self.selection.wants_input(tap):
             return True
         if not self.selection.unseen_inputs or not _observable(x):
             return False
-        seen = self._observed_as(x)
-        return (seen is None and self._made.get(x) is None) or (seen or "").endswith(":input")
+        seen = self._observed_as(seen)
+        return (seen is None and made is None) or (seen or "").endswith(":input")
 
     def _from_conv(self, x) -> bool:
         """``x`` is a Conv2d's output, unchanged since (a BatchNorm on it can fold)."""
-        return self._made.get(x) in self._conv_taps
+        return self._record(x)[0] in self._conv_taps
 
     def _site(self, path: str, module: nn.Module) -> _Site:
         """What the selection does with every call of the leaf at ``path`` (fixed per pass)."""
@@ -449,40 +450,40 @@ class TapHooks:
     # -- hooks ---------------------------------------------------------------------------
     def _on_input(self, module, args, kwargs):
         self._source.clear()
-        self._seen.clear()
-        self._made.clear()
+        self._memo.clear()
         x = first_tensor(tuple(args) + tuple(kwargs.values()))
-        if isinstance(x, torch.Tensor):
-            self._made.remember(x, "data")
         if self.selection.model_input and _observable(x):
             self._observer("data", "", 0, "input", type(module).__name__).update(x)
-            self._remember(x, "data")
+            self._memo.remember(x, ("data", "data"))
+        elif isinstance(x, torch.Tensor):
+            self._memo.remember(x, ("data", None))
 
     def _on_call(self, tap, path, call, module, args):
         x = first_tensor(args)
-        if self._wants_input(tap, x):
+        made, seen = self._record(x)
+        if self._wants_input(tap, x, made, seen):
             name = f"{tap}:input"
             if _observable(x):
                 obs = self._observer(name, path, call, "module-input", type(module).__name__)
-                src = self._reusable(x)
+                src = self._observed_as(seen) if self.selection.reuse else None
                 if src is not None:
                     obs.update_histogram(self.observers[src].last)
                     self.reused[name] = src
                 else:
                     obs.update(x)
-                    self._remember(x, name)
+                    self._memo.remember(x, (made, name))
+                    seen = name
             else:
                 self.skipped[name] = f"input is {_why_not(x)}"
         # A ReLU / value-preserving module fed the tensor just observed: remember it.
-        self._source[id(module)] = self._reusable(x)
+        self._source[id(module)] = self._observed_as(seen) if self.selection.reuse else None
 
     def _on_output(self, tap, path, call, module, args, output):
         src = self._source.pop(id(module), None)
         site = self._site(path, module)
-        if isinstance(output, torch.Tensor):
-            self._made.remember(output, tap)
         if site.conv:  # (what the Caffe export folds a BatchNorm into)
             self._conv_taps.add(tap)
+        seen = None
         if site.output:
             if not _observable(output):
                 self.skipped[tap] = f"output is {_why_not(output)}"
@@ -491,15 +492,22 @@ class TapHooks:
                 last = self.observers[src].last if src is not None and site.copies else None
                 # relu() of the producer's histogram is exact only when its positive side
                 # sets the range; otherwise observe the output itself.
-                if last is not None and (site.copies == "same" or last.relu_is_exact()):
-                    obs.update_histogram(last.relu() if site.copies == "relu" else last)
+                if last is not None and site.copies == "same":
+                    obs.update_histogram(last)
+                    self.reused[tap] = src
+                elif last is not None and last.relu_is_exact():
+                    obs.update_relu_of(last)
                     self.reused[tap] = src
                 else:
                     obs.update(output)
-                self._remember(output, tap)
+                seen = tap
         derived = site.derived
-        if site.unfolded_batchnorm and not self._from_conv(first_tensor(args)):
-            derived = (*derived, BN_NORMALIZED)
+        if site.unfolded_batchnorm:
+            x = first_tensor(args)  # (an in-place module's output was made by it, not by a conv)
+            if x is output or not self._from_conv(x):
+                derived = (*derived, BN_NORMALIZED)
+        if isinstance(output, torch.Tensor):
+            self._memo.remember(output, (tap, seen))
         for d in derived:
             name = f"{tap}:{d.name}"
             with torch.no_grad():
