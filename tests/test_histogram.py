@@ -480,3 +480,25 @@ def test_relu_paths_agree_with_and_without_the_c_kernels(monkeypatch):
         out = torch.full((512,), 7, dtype=torch.int64)
         native.kernels.count(x.data_ptr(), x.numel(), False, 256, 1.0, 256.0 / 8.0, out.data_ptr(), 1)
         assert int(out.sum()) == x.numel()
+
+
+def test_rebin_add_kernel_equals_torch_rebinning(monkeypatch):
+    """The C re-binning (``rebin_add``) adds what the torch path's ``rebinned`` gives, for
+    every shift up to past the last run; merges at different ranges agree with and without
+    the kernels."""
+    from torch_nvdla.calib import histogram, native
+
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    g = torch.Generator().manual_seed(15)
+    for bins in (1, 2, 8, 256, 2048):
+        for k in range(0, bins.bit_length() + 2):
+            h = Histogram(torch.randint(0, 1000, (2 * bins,), generator=g), 4.0, -1.0, 1.0, True, 1)
+            out = torch.randint(0, 9, (2 * bins,), generator=g)
+            want = out + h.rebinned(4.0 * 2**k)
+            native.kernels.rebin_add(h.counts.data_ptr(), bins, min(k, bins.bit_length() - 1), out.data_ptr())
+            assert torch.equal(out, want), (bins, k)
+    parts = [torch.randn(999, generator=g) * s for s in (0.3, 5.0, 1.0, 40.0, 0.01)]
+    with_kernels = _merged(parts)
+    monkeypatch.setattr(histogram, "KERNELS", False)
+    _same(with_kernels, _merged(parts))

@@ -14,6 +14,8 @@
  *
  * relu_fold: a ReLU's counts from its input's (the non-positive side moved to bin 0).
  *
+ * rebin_add: counts added into a total at a larger power-of-two range.
+ *
  * pair_ratios, level_sums: the entropy search's pair table and its gather-and-sum.
  *
  * Built as an optional extension (setup.py); without it the torch paths are used. Plain
@@ -465,6 +467,30 @@ static PyObject *pair_ratios(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(rebin_add_doc,
+"rebin_add(src_ptr, bins, k, dst_ptr)\n\n"
+"Add the 2 * bins int64 signed counts at src_ptr, re-binned to a range 2**k times larger,\n"
+"to the 2 * bins int64 at dst_ptr: dst[bins + ((b - bins) >> k)] += src[b] (an arithmetic\n"
+"shift: negative offsets stay negative). 0 <= k <= 62.");
+
+static PyObject *rebin_add(PyObject *self, PyObject *args) {
+    unsigned long long src, dst;
+    int bins, k;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiiK", &src, &bins, &k, &dst)) return NULL;
+    if (bins < 1 || bins > (1 << 24) || k < 0 || k > 62) {
+        PyErr_SetString(PyExc_ValueError, "rebin_add: bins in [1, 2**24], k in [0, 62]");
+        return NULL;
+    }
+    const int64_t *c = (const int64_t *)(uintptr_t)src;
+    int64_t *d = (int64_t *)(uintptr_t)dst;
+    for (int64_t b = 0; b < 2 * (int64_t)bins; b++) {
+        const int64_t offset = b - bins; /* floor(offset / 2**k), no shift of a negative value */
+        d[bins + (offset >= 0 ? offset >> k : -1 - ((-1 - offset) >> k))] += c[b];
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(relu_fold_doc,
 "relu_fold(counts_ptr, out_ptr, bins, also_ptr=0)\n\n"
 "The counts of relu(x) from the 2 * bins int64 signed counts of x: out[bins] gets every\n"
@@ -509,6 +535,7 @@ static PyMethodDef methods[] = {
     {"level_sums", level_sums, METH_VARARGS, level_sums_doc},
     {"pair_ratios", pair_ratios, METH_VARARGS, pair_ratios_doc},
     {"relu_fold", relu_fold, METH_VARARGS, relu_fold_doc},
+    {"rebin_add", rebin_add, METH_VARARGS, rebin_add_doc},
     {"openmp", openmp, METH_NOARGS, "Whether the kernel was built with OpenMP."},
     {NULL, NULL, 0, NULL},
 };

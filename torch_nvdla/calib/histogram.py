@@ -297,16 +297,19 @@ class Histogram:
         """:meth:`rebinned` on the CPU. With ``g = 2**k`` bins merging (``k`` at most
         ``log2(bins)``, where every offset already maps to -1 or 0), the ``2 bins / g``
         aligned runs of ``g`` bins are the new bins ``bins - bins/g .. bins + bins/g - 1``."""
-        bins, old = self.bins, self._range
-        if new_range == old:
+        if new_range == self._range:
             return self.counts  # same grid (the usual case once the range settled)
-        ratio = new_range / old
-        top = bins.bit_length() - 1
-        k = min(max(round(math.log2(ratio)), 0), top) if math.isfinite(ratio) else top
+        bins, k = self.bins, self._shift(self._range, new_range)
         runs = 2 * bins >> k
         out = torch.zeros_like(self.counts)
         out[bins - runs // 2:bins + runs // 2] = self.counts.view(runs, 1 << k).sum(1)
         return out
+
+    def _shift(self, fine: float, coarse: float) -> int:
+        """``k = log2(coarse / fine)`` for CPU re-binning, at most ``log2(bins)`` (there every
+        offset already maps to -1 or 0)."""
+        ratio, top = coarse / fine, self.bins.bit_length() - 1
+        return min(max(round(math.log2(ratio)), 0), top) if math.isfinite(ratio) else top
 
     def merge_(self, other: "Histogram") -> "Histogram":
         """Add ``other``'s counts into this histogram in place (the union of the data)."""
@@ -330,6 +333,13 @@ class Histogram:
         the same range."""
         if self._range == other._range:
             self.counts += other.counts
+        elif KERNELS and self.counts.is_contiguous() and other.counts.is_contiguous():
+            # (the C kernel adds the coarser grid's runs of 2**k bins in one call)
+            fine, coarse = (other, self) if self._range > other._range else (self, other)
+            k = self._shift(fine._range, coarse._range)
+            total = self.counts if coarse is self else other.counts.clone()
+            kernels.rebin_add(fine.counts.data_ptr(), self.bins, k, total.data_ptr())
+            self.counts, self._range = total, coarse._range
         elif self._range > other._range:
             self.counts += other._rebinned_cpu(self._range)
         else:
