@@ -335,14 +335,25 @@ static int level_sums_rows(const double *table, int64_t rows, int64_t pairs, con
     if (v == NULL) return -2;
     for (int64_t k = k0; k < k1; k++) {
         const int64_t *ix = index + k * levels;
-        for (int32_t l = 0; l < levels; l++) {
+        for (int32_t l = 0; l < levels; l++)
             if (ix[l] < 0 || ix[l] >= pairs) {
                 free(v);
                 return -1;
             }
-            memcpy(v + (size_t)l * rows, table + ix[l] * rows, sizeof(double) * (size_t)rows);
-        }
+        /* The tree's first step straight from the table, then the rest in v. */
         int32_t n = levels;
+        if (n == 1) {
+            memcpy(v, table + ix[0] * rows, sizeof(double) * (size_t)rows);
+        } else {
+            const int32_t h = n / 2;
+            for (int32_t j = 0; j < h; j++) {
+                double *a = v + (size_t)j * rows;
+                const double *x = table + ix[j] * rows, *y = table + ix[j + h] * rows;
+                for (int64_t t = 0; t < rows; t++) a[t] = x[t] + y[t];
+            }
+            if (n & 1) memcpy(v + (size_t)h * rows, table + ix[2 * h] * rows, sizeof(double) * (size_t)rows);
+            n = h + (n & 1);
+        }
         while (n > 1) {
             const int32_t h = n / 2;
             for (int32_t j = 0; j < h; j++) {

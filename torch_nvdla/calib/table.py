@@ -278,26 +278,33 @@ def _pick_all(unique: Mapping[tuple, tuple[Histogram, str]], method: str,
     as one batch per bin count and device (:func:`entropy_amax_batch`), the others one by
     one."""
     raw: dict[tuple, float] = {}
+    clipped: dict[tuple, float] = {}
     batches: dict[tuple, list[tuple]] = {}
     for key, (h, tap_method) in unique.items():
         if tap_method == "entropy":
             batches.setdefault((h.bins, h.device), []).append(key)
     for group in batches.values():
         counts, edges = zip(*(unique[key][0].abs_histogram() for key in group))
+        counts, edges = torch.stack(counts), torch.stack(edges)
         opts = options if method == "entropy" else {}
         try:
-            picks = entropy_amax_batch(torch.stack(counts), torch.stack(edges), **opts)
+            picks = entropy_amax_batch(counts, edges, **opts)
         except TypeError as exc:  # an option entropy does not take, said as compute_amax says it
             raise CalibrationError(f"bad options for method 'entropy': {exc}") from None
         raw.update(zip(group, picks))
-    return {key: _pick(h, tap_method, options if tap_method == method else {}, raw.get(key))
+        capped = [min(p, unique[key][0].max_abs()) for key, p in zip(group, picks)]
+        clipped.update(zip(group, _clipped_fractions(counts, edges, capped)))
+    return {key: _pick(h, tap_method, options if tap_method == method else {}, raw.get(key), clipped.get(key))
             for key, (h, tap_method) in unique.items()}
 
 
-def _pick(h: Histogram, method: str, options: Mapping, raw: float | None = None) -> tuple[float, str, str]:
+def _pick(h: Histogram, method: str, options: Mapping, raw: float | None = None,
+          clipped: float | None = None) -> tuple[float, str, str]:
     """One histogram's ``(amax, method used, note)``: the strategy's pick (``raw`` when
-    already computed), capped at the exact largest |x|, or the fallback when the pick is
-    degenerate."""
+    already computed, with the share it clips, ``clipped``), capped at the exact largest
+    |x|, or the fallback when the pick is degenerate."""
+    if raw is not None and clipped is not None and not (method in DEGENERATE_CHECKED and clipped > DEGENERATE_CLIP):
+        return min(raw, h.max_abs()), method, ""
     counts, edges = h.abs_histogram()
     if raw is None:
         raw = float(compute_amax(method, counts, edges, **options))
@@ -315,6 +322,16 @@ def _pick(h: Histogram, method: str, options: Mapping, raw: float | None = None)
 DEGENERATE_CHECKED = ("entropy", "mse")
 DEGENERATE_CLIP = 0.05
 DEGENERATE_FALLBACK = "minmax"
+
+
+def _clipped_fractions(counts: torch.Tensor, edges: torch.Tensor, amax: list[float]) -> list[float]:
+    """:func:`_clipped_fraction` of every row of ``counts`` (``T x N``) and ``edges``
+    (``T x (N + 1)``) at its ``amax``: integer sums, the same values one by one."""
+    body = counts[:, 1:]
+    nonzero = body.sum(1)
+    limit = torch.tensor(amax, dtype=edges.dtype, device=edges.device)[:, None]
+    above = torch.where(edges[:, 1:-1] >= limit, body, torch.zeros_like(body)).sum(1)
+    return [float(a) / float(n) if n > 0 else 0.0 for a, n in zip(above.tolist(), nonzero.tolist())]
 
 
 def _clipped_fraction(counts, edges, amax: float) -> float:
