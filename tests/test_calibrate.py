@@ -668,3 +668,20 @@ def test_cache_is_not_reused_for_retrained_weights(tmp_path):
     t_b = calibrate(b, [x], "minmax", cache=cache, progress=False)
     with torch.no_grad():
         assert t_b["0"].amax == pytest.approx(float(b[0](x).abs().max()))
+
+
+def test_clipped_shares_of_a_batch_equal_one_by_one():
+    """The degeneracy check's clipped share, computed for a whole entropy batch, equals the
+    one-histogram computation row by row (amax on an edge, inside a bin, above every edge;
+    an all-zero row)."""
+    from torch_nvdla.calib.table import _clipped_fraction, _clipped_fractions
+
+    g = torch.Generator().manual_seed(16)
+    counts = torch.randint(0, 50, (5, 64), generator=g)
+    counts[4] = 0
+    counts[3, 1:] = 0  # only zeros: nothing nonzero to clip
+    edges = torch.linspace(0, 2, 65, dtype=torch.float64).repeat(5, 1)
+    amax = [0.5, 0.51, 3.0, 1.0, 1.0]
+    want = [_clipped_fraction(c, e, a) for c, e, a in zip(counts, edges, amax)]
+    assert _clipped_fractions(counts, edges, amax) == want
+    assert want[2] == want[3] == want[4] == 0.0 and 0.0 < want[0] < 1.0
