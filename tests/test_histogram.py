@@ -502,3 +502,58 @@ def test_rebin_add_kernel_equals_torch_rebinning(monkeypatch):
     with_kernels = _merged(parts)
     monkeypatch.setattr(histogram, "KERNELS", False)
     _same(with_kernels, _merged(parts))
+
+
+# -- the accelerator path, run on the CPU ------------------------------------------------------
+
+
+def _device_path(x: torch.Tensor, bins: int = 2048) -> Histogram:
+    """``Histogram.of`` as an accelerator runs it (tensor scalars, ``histc``), on the CPU."""
+    from torch_nvdla.calib.histogram import _flat
+
+    return Histogram._of_device(_flat(x), bins)
+
+
+def test_accelerator_path_on_the_cpu_equals_the_cpu_path():
+    """Without a GPU, the code CUDA runs -- 0-dim tensor scalars, ``histc`` binning, tensor
+    merges and re-binning, ReLU folding, the exactness test -- runs on CPU tensors and
+    gives the CPU path's histograms bit for bit, mixed merges included."""
+    g = torch.Generator().manual_seed(17)
+    parts = [torch.randn(4000, generator=g) * s + m for s, m in ((1.0, 0.0), (6.0, 2.0), (0.01, 0.0), (3.0, -5.0))]
+    parts += [torch.relu(torch.randn(999, generator=g)), torch.empty(0), torch.randn(50, generator=g).half()]
+    for p in parts:
+        dev, host = _device_path(p), Histogram.of(p)
+        assert not dev._host and host._host
+        _same(dev, host)
+        assert dev.max_abs() == host.max_abs() and dev.relu_is_exact() == host.relu_is_exact()
+        _same(dev.relu(), host.relu())
+        assert torch.equal(dev.rebinned(torch.tensor(2.0**10, dtype=torch.float64)), host.rebinned(2.0**10))
+    dev, host = _device_path(parts[0]), Histogram.of(parts[0])
+    for i, p in enumerate(parts[1:]):
+        dev.merge_(_device_path(p))
+        host.merge_(Histogram.of(p) if i % 2 else _device_path(p))  # host total, mixed inputs
+        _same(dev, host)
+    _same(dev, Histogram.of(torch.cat([p.float() for p in parts])))
+    bad = torch.tensor([1.0, math.nan])
+    assert not bool(_device_path(bad).finite) and not bool(Histogram.of(bad).finite)
+
+
+def test_calibration_through_the_accelerator_path_gives_the_cpu_table(monkeypatch):
+    """A whole calibration with every histogram made by the accelerator path (on the CPU)
+    gives the CPU path's table: ReLU reuse, merges and range picks on tensor scalars."""
+    from torch import nn
+
+    from torch_nvdla import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    images = [torch.randn(4, 3, 8, 8) * s for s in (1.0, 3.0, 0.5)]
+    host = calibrate(model, images, progress=False)
+    monkeypatch.setattr(Histogram, "of", classmethod(lambda cls, x, bins=2048: _device_path(x.detach(), bins)))
+    dev = calibrate(model, images, progress=False)
+    assert dev.amaxes() == host.amaxes() and dev.meta["reused"] == host.meta["reused"]
+    assert host.meta["reused"], "the model has ReLUs whose histograms are derived"

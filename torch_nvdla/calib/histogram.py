@@ -160,9 +160,18 @@ class Histogram:
         if counts.device.type == "cpu":
             self._range, self._min, self._max, self._finite = float(range), float(min), float(max), bool(finite)
         else:
-            dev = counts.device
-            self._range, self._min, self._max = (torch.as_tensor(v, dtype=_F64, device=dev) for v in (range, min, max))
-            self._finite = torch.as_tensor(finite, dtype=torch.bool, device=dev)
+            self._set_tensor_scalars(range, min, max, finite)
+
+    def _set_tensor_scalars(self, range, min, max, finite) -> None:
+        dev = self.counts.device
+        self._range, self._min, self._max = (torch.as_tensor(v, dtype=_F64, device=dev) for v in (range, min, max))
+        self._finite = torch.as_tensor(finite, dtype=torch.bool, device=dev)
+
+    @property
+    def _host(self) -> bool:
+        """The scalars are Python numbers (a CPU histogram), not 0-dim tensors (any other
+        device, or the accelerator path run on the CPU by the tests)."""
+        return not isinstance(self._range, torch.Tensor)
 
     @classmethod
     def _of_floats(cls, counts: torch.Tensor, r: float, lo: float, hi: float, finite: bool,
@@ -222,17 +231,31 @@ class Histogram:
             bins: bins of the |x| histogram (a power of two).
         """
         flat = _flat(x.detach())
-        if flat.device.type == "cpu" and flat.numel():
-            return cls._of_cpu(flat, bins)
-        h = cls.empty(bins, flat.device)
         if flat.numel() == 0:
+            return cls.empty(bins, flat.device)
+        if flat.device.type == "cpu":
+            return cls._of_cpu(flat, bins)
+        return cls._of_device(flat, bins)
+
+    @classmethod
+    def _of_device(cls, flat: torch.Tensor, bins: int) -> "Histogram":
+        """:meth:`of` on an accelerator: 0-dim tensor scalars, ``histc`` counts, nothing read
+        back to the host. Runs on CPU tensors too (the tests check it against the CPU path)."""
+        if bins < 1 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 1, got {bins}")
+        h = cls.__new__(cls)
+        h.counts, h.numel = torch.zeros(2 * bins, dtype=torch.int64, device=flat.device), flat.numel()
+        if flat.numel() == 0:
+            h._set_tensor_scalars(2.0**_TINY_EXP, math.inf, -math.inf, True)
             return h
         lo, hi = torch.aminmax(flat)
         lo, hi = lo.to(_F64), hi.to(_F64)
         finite = torch.isfinite(lo) & torch.isfinite(hi)
         amax = torch.maximum(lo.abs(), hi.abs())
         r = _pow2_above(torch.where(finite, amax, torch.zeros_like(amax)))
-        return cls(_count_device(flat, bins, r), r, lo, hi, finite, flat.numel())
+        h.counts = _count_device(flat, bins, r)
+        h._set_tensor_scalars(r, lo, hi, finite)
+        return h
 
     @classmethod
     def _of_cpu(cls, flat: torch.Tensor, bins: int) -> "Histogram":
@@ -284,9 +307,10 @@ class Histogram:
         negative side. At the same range (on the CPU) this is ``counts`` itself: read only.
         """
         bins = self.bins
-        if self.device.type == "cpu":
+        if self._host:
             return self._rebinned_cpu(float(new_range))
-        k = torch.round(torch.log2(new_range / self._range)).to(torch.int64)
+        k = torch.round(torch.log2(torch.as_tensor(new_range, dtype=_F64, device=self.device) / self._range))
+        k = k.to(torch.int64)
         k = k.clamp(0, int(math.log2(bins)) + 1)
         offset = torch.arange(-bins, bins, device=self.device, dtype=torch.int64)
         index = bins + torch.bitwise_right_shift(offset, k)
@@ -317,14 +341,16 @@ class Histogram:
             raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
         if other.counts.device != self.counts.device:
             other = other.to(self.device)
-        if self.device.type == "cpu":
+        if self._host and other._host:
             return self._merge_cpu(other)
-        new_range = torch.maximum(self._range, other._range)
+        if self._host:  # (a CPU histogram merging one made by the accelerator path)
+            self._set_tensor_scalars(self._range, self._min, self._max, self._finite)
+        new_range = torch.maximum(self._range, other.range)
         self.counts = self.rebinned(new_range) + other.rebinned(new_range)
         self._range = new_range
-        self._min = torch.minimum(self._min, other._min)
-        self._max = torch.maximum(self._max, other._max)
-        self._finite = self._finite & other._finite
+        self._min = torch.minimum(self._min, other.min)
+        self._max = torch.maximum(self._max, other.max)
+        self._finite = self._finite & other.finite
         self.numel += other.numel
         return self
 
@@ -384,7 +410,7 @@ class Histogram:
         """:meth:`relu`, also merged into ``total`` (a histogram of as many bins) when given:
         by the C kernel itself when both are CPU histograms at the same range."""
         bins, empty = self.bins, self.numel == 0
-        if self.device.type != "cpu":
+        if not self._host:
             counts = torch.zeros_like(self.counts)
             counts[bins:] = self.counts[bins:]
             counts[bins] += self.counts[:bins].sum()
@@ -395,7 +421,7 @@ class Histogram:
                 total.merge_(h)
             return h
         lo, hi = (v if empty else max(v, 0.0) for v in (self._min, self._max))
-        into = total is not None and total.device.type == "cpu" and total._range == self._range
+        into = total is not None and total._host and total.device.type == "cpu" and total._range == self._range
         if KERNELS:
             counts = torch.empty_like(self.counts)  # (the kernel writes every bin)
             kernels.relu_fold(self.counts.data_ptr(), counts.data_ptr(), bins, total.counts.data_ptr() if into else 0)
@@ -421,7 +447,7 @@ class Histogram:
         """
         if self.numel == 0:
             return True
-        if self.device.type == "cpu":
+        if self._host:
             return _pow2_above_float(max(self._max, 0.0)) == self._range
         return bool(_pow2_above(self._max.clamp_min(0.0)) == self._range)
 
@@ -439,7 +465,7 @@ class Histogram:
         """The exact largest |x| seen (0.0 when empty)."""
         if self.numel == 0:
             return 0.0
-        if self.device.type == "cpu":
+        if self._host:
             return max(abs(self._min), abs(self._max))
         return float(torch.maximum(self._min.abs(), self._max.abs()))
 
@@ -490,8 +516,8 @@ class HistogramObserver:
     def update(self, x: torch.Tensor) -> None:
         """Add one tensor's values."""
         hist = self.hist
-        if hist is not None and KERNELS and self._device is None and x.device.type == "cpu" \
-                and hist.counts.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and x.is_contiguous() and x.numel():
+        if hist is not None and KERNELS and self._device is None and x.is_cpu and hist._host \
+                and x.dtype in _NATIVE_DTYPES and x.is_contiguous() and x.numel():
             # The CPU fast path: counted straight into the running total where it can be.
             self.last = Histogram._of_native(x, self.bins, hist)
             return
