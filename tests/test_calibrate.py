@@ -25,6 +25,7 @@ from torch_nvdla import (
     NonFiniteActivationError,
     TapSelection,
     calibrate,
+    calibration_mode,
 )
 
 
@@ -230,6 +231,24 @@ def test_calibrate_on_device(images, device):
     for name in table:  # kernels differ between devices: max|x| agrees closely, not bit for bit
         assert table[name].amax == pytest.approx(ref[name].amax, rel=1e-4), name
         assert 0 < entropy[name].amax <= table[name].amax * (1 + 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_per_batch_on_cuda(images):
+    """On CUDA the forwards of a calibration never wait for the device (histograms, merges,
+    ReLU taps, the NaN flag stay there): CUDA's sync debug mode raises on any host read
+    inside the block; the range search after it reads the device once per batch of taps."""
+    model = Net().cuda()
+    batches = [x.cuda() for x in images]
+    with calibration_mode(model, progress=False) as cal:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x in batches:
+                model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cal.table["data"].amax > 0
 
 
 # -- errors and policies -----------------------------------------------------------------------------

@@ -491,11 +491,12 @@ class TapHooks:
                 obs = self._observer(tap, path, call, "output", site.module_type)
                 last = self.observers[src].last if src is not None and site.copies else None
                 # relu() of the producer's histogram is exact only when its positive side
-                # sets the range; otherwise observe the output itself.
+                # sets the range; otherwise observe the output itself. (Off the CPU that
+                # test would read the device once per batch: the output is binned there.)
                 if last is not None and site.copies == "same":
                     obs.update_histogram(last)
                     self.reused[tap] = src
-                elif last is not None and last.relu_is_exact():
+                elif last is not None and last.device.type == "cpu" and last.relu_is_exact():
                     obs.update_relu_of(last)
                     self.reused[tap] = src
                 else:
