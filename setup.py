@@ -27,7 +27,7 @@ class BuildExt(build_ext):
             return super().build_extension(ext)
 
 
-binning = Extension(
+kernels = Extension(
     "torch_nvdla.calib._kernels",
     sources=["torch_nvdla/calib/_kernels.c"],
     # Portable code (no -march): the same build runs on every CPU of its architecture.
@@ -39,6 +39,6 @@ binning = Extension(
 setup(
     packages=find_packages(include=["torch_nvdla", "torch_nvdla.*"]) + ["torch_nvdla.models"],
     package_dir={"torch_nvdla.models": "models"},
-    ext_modules=[binning],
+    ext_modules=[kernels],
     cmdclass={"build_ext": BuildExt},
 )

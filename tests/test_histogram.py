@@ -20,7 +20,8 @@ def _same(a: Histogram, b: Histogram) -> None:
     assert a.bins == b.bins
     assert float(a.range) == float(b.range), (float(a.range), float(b.range))
     assert torch.equal(a.counts.cpu(), b.counts.cpu()), _diff(a, b)
-    assert float(a.min) == float(b.min) and float(a.max) == float(b.max)
+    same = lambda u, v: u == v or (math.isnan(u) and math.isnan(v))  # noqa: E731 (NaN: the same NaN extremes)
+    assert same(float(a.min), float(b.min)) and same(float(a.max), float(b.max))
     assert bool(a.finite) == bool(b.finite)
     assert a.numel == b.numel
 
@@ -450,11 +451,18 @@ def test_histogram_is_the_same_with_and_without_the_c_kernels(monkeypatch):
         pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
     g = torch.Generator().manual_seed(13)
     xs = [torch.randn(2, 16, 9, 9, generator=g) * 3, torch.randn(300_000, generator=g).relu(),
-          torch.randn(50, generator=g, dtype=torch.float64) * 1e-30, torch.randn(4, 4, generator=g).half()]
+          torch.randn(50, generator=g, dtype=torch.float64) * 1e-30, torch.randn(4, 4, generator=g).half(),
+          torch.tensor([1.5e308, -3.0], dtype=torch.float64), torch.tensor([1.0, math.nan, 2.0])]
     native_hs = [Histogram.of(x) for x in xs]
+    # A running total gains a batch at its own range in the counting call, else by a merge.
+    totals = [Histogram.of(xs[0]), Histogram.of(xs[0] * 100)]
+    for t in totals:
+        Histogram._of_native(xs[0].contiguous(), 2048, t)
     monkeypatch.setattr(histogram, "KERNELS", False)
     for x, h in zip(xs, native_hs):
         _same(h, Histogram.of(x))
+    for t, scale in zip(totals, (1, 100)):
+        _same(t, Histogram.of(torch.cat([xs[0] * scale, xs[0]]).flatten()))
 
 
 def test_relu_paths_agree_with_and_without_the_c_kernels(monkeypatch):
