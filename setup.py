@@ -1,6 +1,6 @@
 """Packaging: the repository's ``models/`` folder installs as ``torch_nvdla.models``, and the
-optional C binning kernel builds when a C compiler is present (without one, the install
-still succeeds and calibration bins with torch operations; see ``docs/calib.md``)."""
+optional C kernels of the calibration build when a C compiler is present (without one, the
+install still succeeds and calibration uses torch operations; see ``docs/calib.md``)."""
 
 import sys
 
