@@ -690,10 +690,15 @@ def test_cache_is_not_reused_for_retrained_weights(tmp_path):
 
 
 def test_clipped_shares_of_a_batch_equal_one_by_one():
-    """The degeneracy check's clipped share, computed for a whole entropy batch, equals the
-    one-histogram computation row by row (amax on an edge, inside a bin, above every edge;
-    an all-zero row)."""
-    from torch_nvdla.calib.table import _clipped_fraction, _clipped_fractions
+    """The degeneracy check's clipped share, computed for a whole entropy batch, equals a
+    bin-by-bin count row by row (amax on an edge, inside a bin, above every edge; an
+    all-zero row)."""
+    from torch_nvdla.calib.table import _clipped_fractions
+
+    def _clipped_fraction(c, e, a):  # bins 1.. whose lower edge is at or above amax, by hand
+        nonzero = sum(int(v) for v in c[1:])
+        above = sum(int(v) for v, lo in zip(c[1:], e[1:-1]) if float(lo) >= a)
+        return above / nonzero if nonzero else 0.0
 
     g = torch.Generator().manual_seed(16)
     counts = torch.randint(0, 50, (5, 64), generator=g)

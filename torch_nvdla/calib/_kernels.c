@@ -95,6 +95,11 @@ static void flush(uint16_t *ways, int32_t width, int64_t *counts) {
     memset(ways, 0, sizeof(uint16_t) * (size_t)WAYS * width);
 }
 
+/* dst[i] += src[i] for i < n (a part's or a batch's counts into a total). */
+static void add_counts(int64_t *dst, const int64_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
 DEFINE_COUNT(count_float, float)
 DEFINE_COUNT(count_double, double)
 
@@ -171,7 +176,7 @@ static int count_parts(const void *data, int64_t n, int wide, int32_t bins, doub
                 if (bad)
                     failed = 1;
                 else
-                    for (int32_t b = 0; b < 2 * bins; b++) counts[b] += part[b];
+                    add_counts(counts, part, 2 * (int64_t)bins);
             }
             if (part != NULL) {
                 memset(part, 0, bytes);
@@ -314,11 +319,8 @@ static PyObject *count(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     memset((void *)(uintptr_t)out, 0, sizeof(int64_t) * 2 * (size_t)bins);
     rc = count_parts((const void *)(uintptr_t)data, n, wide, bins, pre, step, (int64_t *)(uintptr_t)out, threads);
-    if (rc == 0 && also != 0) {
-        const int64_t *c = (const int64_t *)(uintptr_t)out;
-        int64_t *total = (int64_t *)(uintptr_t)also;
-        for (int32_t b = 0; b < 2 * bins; b++) total[b] += c[b];
-    }
+    if (rc == 0 && also != 0)
+        add_counts((int64_t *)(uintptr_t)also, (const int64_t *)(uintptr_t)out, 2 * (int64_t)bins);
     Py_END_ALLOW_THREADS
     if (rc != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -525,8 +527,7 @@ static PyObject *relu_fold(PyObject *self, PyObject *args) {
     memset(o, 0, sizeof(int64_t) * (size_t)bins);
     o[bins] = zero;
     memcpy(o + bins + 1, c + bins + 1, sizeof(int64_t) * (size_t)(bins - 1));
-    if (total != NULL)
-        for (int32_t b = bins; b < 2 * bins; b++) total[b] += o[b];
+    if (total != NULL) add_counts(total + bins, o + bins, bins); /* (out[0 .. bins) is zero) */
     Py_RETURN_NONE;
 }
 
@@ -552,7 +553,9 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_kernels", "C kernels of the calibration: binning, extremes, entropy level sums (see native.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_kernels",
+    "C kernels of the calibration: binning, extremes, ReLU folding, re-binning, entropy pair tables (see native.py).",
+    -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -51,10 +51,18 @@ def _count_cpu(flat: torch.Tensor, bins: int, r: float) -> torch.Tensor:
     return _count_cpu_torch(flat, bins, r)
 
 
+_NATIVE_DTYPES = (torch.float32, torch.float64)  # what the C kernels read
+
+
+def _check_bins(bins: int) -> None:
+    if bins < 1 or bins & (bins - 1):
+        raise ValueError(f"bins must be a power of two >= 1, got {bins}")
+
+
 def _native_ready(flat: torch.Tensor) -> torch.Tensor:
     """``flat`` as the C kernel reads it: contiguous float32 or float64 (fp16/bf16 are
     widened to float32, which is exact)."""
-    if flat.dtype not in (torch.float32, torch.float64):
+    if flat.dtype not in _NATIVE_DTYPES:
         flat = flat.float()
     return flat.contiguous()
 
@@ -130,7 +138,6 @@ def _pow2_above_float(m: float) -> float:
 
 
 _F64 = torch.float64
-_NATIVE_DTYPES = (torch.float32, torch.float64)  # what the C kernels read
 
 
 class Histogram:
@@ -216,8 +223,7 @@ class Histogram:
     @classmethod
     def empty(cls, bins: int = 2048, device: torch.device | str | None = None) -> "Histogram":
         """A histogram that has seen nothing."""
-        if bins < 1 or bins & (bins - 1):
-            raise ValueError(f"bins must be a power of two >= 1, got {bins}")
+        _check_bins(bins)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return cls(torch.zeros(2 * bins, dtype=torch.int64, device=dev), 2.0**_TINY_EXP, math.inf, -math.inf,
                    True, 0)
@@ -241,8 +247,7 @@ class Histogram:
     def _of_device(cls, flat: torch.Tensor, bins: int) -> "Histogram":
         """:meth:`of` on an accelerator: 0-dim tensor scalars, ``histc`` counts, nothing read
         back to the host. Runs on CPU tensors too (the tests check it against the CPU path)."""
-        if bins < 1 or bins & (bins - 1):
-            raise ValueError(f"bins must be a power of two >= 1, got {bins}")
+        _check_bins(bins)
         h = cls.__new__(cls)
         h.counts, h.numel = torch.zeros(2 * bins, dtype=torch.int64, device=flat.device), flat.numel()
         if flat.numel() == 0:
@@ -261,8 +266,7 @@ class Histogram:
     def _of_cpu(cls, flat: torch.Tensor, bins: int) -> "Histogram":
         """:meth:`of` for a non-empty CPU tensor: the extremes are read once, as Python
         floats, and the range follows from them without further tensor operations."""
-        if bins < 1 or bins & (bins - 1):
-            raise ValueError(f"bins must be a power of two >= 1, got {bins}")
+        _check_bins(bins)
         if KERNELS:
             return cls._of_native(_native_ready(flat), bins)
         lo, hi = (float(v) for v in torch.aminmax(flat))
@@ -283,21 +287,14 @@ class Histogram:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             # Counts of a non-finite tensor are meaningless (the caller reports the tap).
             h = cls._of_floats(torch.zeros(2 * bins, dtype=torch.int64), 2.0**_TINY_EXP, lo, hi, False, n)
-            if total is not None:
-                total.merge_(h)
-            return h
+            return h._merged_into(total, counted=False)
         r = _pow2_above_float(max(-lo, hi))
         counts = torch.empty(2 * bins, dtype=torch.int64)  # (the kernel writes every bin)
         pre, step = _scaling(bins, r)
         into = total is not None and total._range == r
         kernels.count(ptr, n, wide, bins, pre, step, counts.data_ptr(), threads(),
                       total.counts.data_ptr() if into else 0)
-        h = cls._of_floats(counts, r, lo, hi, True, n)
-        if into:
-            total._merge_scalars(h)
-        elif total is not None:
-            total.merge_(h)
-        return h
+        return cls._of_floats(counts, r, lo, hi, True, n)._merged_into(total, into)
 
     def rebinned(self, new_range: torch.Tensor | float) -> torch.Tensor:
         """Counts at a larger power-of-two range ``new_range >= self.range``.
@@ -411,32 +408,38 @@ class Histogram:
         by the C kernel itself when both are CPU histograms at the same range."""
         bins, empty = self.bins, self.numel == 0
         if not self._host:
-            counts = torch.zeros_like(self.counts)
-            counts[bins:] = self.counts[bins:]
-            counts[bins] += self.counts[:bins].sum()
             zero = torch.zeros((), dtype=_F64, device=self.device)
             lo, hi = (v.clone() if empty else torch.maximum(v, zero) for v in (self._min, self._max))
-            h = Histogram(counts, self._range.clone(), lo, hi, self._finite.clone(), self.numel)
-            if total is not None:
-                total.merge_(h)
-            return h
+            h = Histogram(self._relu_counts(), self._range.clone(), lo, hi, self._finite.clone(), self.numel)
+            return h._merged_into(total, counted=False)
         lo, hi = (v if empty else max(v, 0.0) for v in (self._min, self._max))
-        into = total is not None and total._host and total.device.type == "cpu" and total._range == self._range
+        into = total is not None and total._host and total._range == self._range
         if KERNELS:
             counts = torch.empty_like(self.counts)  # (the kernel writes every bin)
             kernels.relu_fold(self.counts.data_ptr(), counts.data_ptr(), bins, total.counts.data_ptr() if into else 0)
         else:
-            counts = torch.zeros_like(self.counts)
-            counts[bins:] = self.counts[bins:]
-            counts[bins] += self.counts[:bins].sum()
+            counts = self._relu_counts()
             if into:
                 total.counts += counts
-        h = Histogram._of_floats(counts, self._range, lo, hi, self._finite, self.numel)
-        if into:
-            total._merge_scalars(h)
+        return Histogram._of_floats(counts, self._range, lo, hi, self._finite, self.numel)._merged_into(total, into)
+
+    def _relu_counts(self) -> torch.Tensor:
+        """The counts of :meth:`relu` with torch operations: the positive half as it is, every
+        non-positive count in bin ``bins`` (the first non-negative one)."""
+        bins = self.bins
+        counts = torch.zeros_like(self.counts)
+        counts[bins:] = self.counts[bins:]
+        counts[bins] += self.counts[:bins].sum()
+        return counts
+
+    def _merged_into(self, total: "Histogram | None", counted: bool) -> "Histogram":
+        """Merge this histogram into ``total`` (if any) and return it; ``counted``: a kernel
+        already added the counts into ``total`` at its range, only the scalars are left."""
+        if counted:
+            total._merge_scalars(self)
         elif total is not None:
-            total.merge_(h)
-        return h
+            total.merge_(self)
+        return self
 
     def relu_is_exact(self) -> bool:
         """Whether :meth:`relu` equals the histogram of ``relu(x)`` computed from the data.
@@ -527,7 +530,7 @@ class HistogramObserver:
     def update_relu_of(self, h: Histogram) -> None:
         """Add the histogram of ``relu(x)`` given ``x``'s histogram ``h`` (exact when
         ``h.relu_is_exact()``): ``update_histogram(h.relu())``, in one step on the CPU."""
-        if self.hist is None or self.hist.device != h.device:
+        if self.hist is None:
             self.update_histogram(h.relu())
         else:
             self.last = h._relu_into(self.hist)

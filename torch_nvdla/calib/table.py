@@ -309,7 +309,7 @@ def _pick(h: Histogram, method: str, options: Mapping, raw: float | None = None,
     if raw is None:
         raw = float(compute_amax(method, counts, edges, **options))
     amax = min(raw, h.max_abs())
-    clipped = _clipped_fraction(counts, edges, amax)
+    clipped = _clipped_fractions(counts[None], edges[None], [amax])[0]
     if method in DEGENERATE_CHECKED and clipped > DEGENERATE_CLIP:
         note = (f"{method} picked {amax:.4g}, clipping {100 * clipped:.1f} % of the nonzero values "
                 f"(a degenerate search on a narrow band): {DEGENERATE_FALLBACK} used instead")
@@ -325,21 +325,14 @@ DEGENERATE_FALLBACK = "minmax"
 
 
 def _clipped_fractions(counts: torch.Tensor, edges: torch.Tensor, amax: list[float]) -> list[float]:
-    """:func:`_clipped_fraction` of every row of ``counts`` (``T x N``) and ``edges``
-    (``T x (N + 1)``) at its ``amax``: integer sums, the same values one by one."""
+    """For every row of ``counts`` (``T x N``) and ``edges`` (``T x (N + 1)``): the share of
+    the values above the first bin (nonzero |x|) that lie above its ``amax`` (integer sums;
+    0.0 when there are none)."""
     body = counts[:, 1:]
     nonzero = body.sum(1)
     limit = torch.tensor(amax, dtype=edges.dtype, device=edges.device)[:, None]
     above = torch.where(edges[:, 1:-1] >= limit, body, torch.zeros_like(body)).sum(1)
     return [float(a) / float(n) if n > 0 else 0.0 for a, n in zip(above.tolist(), nonzero.tolist())]
-
-
-def _clipped_fraction(counts, edges, amax: float) -> float:
-    """The share of the values above the first bin (nonzero |x|) that lie above ``amax``."""
-    nonzero = float(counts[1:].sum())
-    if nonzero <= 0:
-        return 0.0
-    return float(counts[1:][edges[1:-1] >= amax].sum()) / nonzero
 
 
 def _json_type(v: Any) -> str:

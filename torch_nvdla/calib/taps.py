@@ -408,10 +408,6 @@ class TapHooks:
         when neither."""
         return self._memo.get(x) or (None, None)
 
-    def _remember(self, x: torch.Tensor, name: str) -> None:
-        """Record that tap ``name`` holds the histogram of ``x`` as it is now."""
-        self._memo.remember(x, (self._record(x)[0], name))
-
     def _observed_as(self, seen: str | None) -> str | None:
         """``seen`` (the tap that observed a tensor's values in this pass, unmodified, if any:
         the tensor itself or a view of all its elements) when that tap holds a histogram."""
