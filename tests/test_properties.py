@@ -110,6 +110,48 @@ def test_relu_derivation_matches_data_when_exact(device, xs):
 
 
 @SETTINGS
+@given(batches=st.lists(batch, min_size=1, max_size=5), relu=st.booleans(), late=st.integers(0, 4))
+def test_a_batch_histogram_stands_in_for_its_data_exactly_when_taken(device, batches, relu, late):
+    """A producer's batch histogram (binned at its running total's range on the CPU) stands
+    in for the data itself -- a ReLU of it, or a copy -- exactly when the consumer
+    ``takes`` it: the consumer's histogram equals one of the data after every batch,
+    whether the consumer started with the producer or ``late`` batches after it."""
+    producer, consumer, direct = (HistogramObserver(bins=BINS) for _ in range(3))
+    for i, xs in enumerate(batches):
+        x = _t(xs, device)
+        producer.update(x)
+        if i < late:
+            continue
+        y = torch.relu(x) if relu else x
+        direct.update(y)
+        if consumer.takes(producer.last, relu):
+            consumer.update_relu_of(producer.last) if relu else consumer.update_histogram(producer.last)
+        else:
+            consumer.update(y)
+        _assert_same(consumer.histogram, direct.histogram)
+    _assert_same(producer.histogram, Histogram.of(_t([v for xs in batches for v in xs], device), BINS))
+
+
+def test_a_coarse_batch_histogram_is_refused_where_it_would_coarsen_the_total():
+    """Hand-countable: after a batch of range 16, a batch with max|x| = 1 is binned at 16 on
+    the CPU; a fresh consumer (its own range would be 2) must not take it, a consumer
+    already at 16 may, and a ReLU consumer whose data sets range 2 must not either."""
+    producer = HistogramObserver(bins=BINS)
+    producer.update(torch.tensor([10.0, -1.0]))
+    producer.update(torch.tensor([1.0, -0.5, 0.25]))
+    last = producer.last
+    assert float(last.range) == 16.0 and float(Histogram.of(torch.tensor([1.0, -0.5, 0.25]), BINS).range) == 2.0
+    assert int(last.counts.sum()) == 3 and float(producer.histogram.range) == 16.0
+    fresh, settled, relu = (HistogramObserver(bins=BINS) for _ in range(3))
+    settled.update(torch.tensor([9.0]))
+    relu.update(torch.tensor([1.5]))  # relu of the producer's data so far would be at 16: here 2
+    assert not fresh.takes(last) and settled.takes(last)
+    assert not fresh.takes(last, relu=True) and not relu.takes(last, relu=True)
+    settled.update_histogram(last)
+    _assert_same(settled.histogram, Histogram.of(torch.tensor([9.0, 1.0, -0.5, 0.25]), BINS))
+
+
+@SETTINGS
 @given(xs=batch)
 def test_abs_histogram_is_histogram_of_magnitudes(device, xs):
     x = _t(xs, device)

@@ -53,18 +53,30 @@
 #define CLONES
 #endif
 
-#define DEFINE_COUNT(NAME, T)                                                               \
+/* Extremes by integer keys: KEY(bits) = bits ^ ((bits >> (w - 1)) & INT_MAX) orders every
+ * non-NaN float like its value (negative floats have their magnitude bits reversed), and an
+ * integer min/max vectorises without any floating-point flag. A NaN's key lies above
+ * key(+inf) (sign clear) or below key(-inf) (sign set), so one comparison of each extreme
+ * finds it. -0.0 keys below +0.0. The count loop keeps them too (one pass for both). */
+#define KEY(I, MASK, v) ((v) ^ (((v) >> (8 * sizeof(I) - 1)) & (I)(MASK)))
+
+#define DEFINE_COUNT(NAME, T, I, MASK)                                                      \
     CLONES static void NAME(const T *x, int64_t n, int32_t bins, T pre, T step, uint16_t *ways,    \
-                     int64_t *counts) {                                                     \
+                     int64_t *counts, I *lo_out, I *hi_out) {                               \
         const int32_t width = 2 * bins;                                                     \
         const T hi = (T)(bins - 1); /* trunc(y) is the same for y in [hi, bins) */          \
         int32_t index[BLOCK];                                                               \
         int64_t since_flush = 0;                                                            \
+        I lo_key = *lo_out, hi_key = *hi_out;                                               \
         for (int64_t start = 0; start < n; start += BLOCK) {                                \
             const int32_t m = (int32_t)(n - start < BLOCK ? n - start : BLOCK);             \
             const T *p = x + start;                                                         \
+            const I *b = (const I *)(const void *)p;                                        \
             for (int32_t j = 0; j < m; j++) {                                               \
                 const T v = p[j];                                                           \
+                const I k = KEY(I, MASK, b[j]);                                             \
+                lo_key = k < lo_key ? k : lo_key;                                           \
+                hi_key = k > hi_key ? k : hi_key;                                           \
                 T y = (v * pre) * step;                                                     \
                 y = y < hi ? y : hi; /* NaN -> hi */                                        \
                 y = y > -hi ? y : -hi;                                                      \
@@ -85,6 +97,8 @@
             }                                                                               \
         }                                                                                   \
         flush(ways, width, counts);                                                         \
+        *lo_out = lo_key;                                                                   \
+        *hi_out = hi_key;                                                                   \
     }
 
 static void flush(uint16_t *ways, int32_t width, int64_t *counts) {
@@ -100,8 +114,8 @@ static void add_counts(int64_t *dst, const int64_t *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] += src[i];
 }
 
-DEFINE_COUNT(count_float, float)
-DEFINE_COUNT(count_double, double)
+DEFINE_COUNT(count_float, float, int32_t, INT32_MAX)
+DEFINE_COUNT(count_double, double, int64_t, INT64_MAX)
 
 /* Below this many values per thread a part is not worth a thread. */
 #define MIN_PER_THREAD ((int64_t)1 << 16)
@@ -138,39 +152,47 @@ static void release(void *p, size_t bytes) {
     if (bytes > KEEP_BYTES) free(p);
 }
 
-/* Count n values into counts (2 * bins int64) in one thread. Returns 0, or -1 when out of
- * memory (counts untouched). */
+/* Count n values into counts (2 * bins int64) in one thread, and their keys into
+ * [*lo, *hi]. Returns 0, or -1 when out of memory (counts untouched). */
 static int count_serial(const void *data, int64_t n, int wide, int32_t bins, double pre, double step,
-                        int64_t *counts) {
+                        int64_t *counts, int64_t *lo, int64_t *hi) {
     const size_t bytes = (size_t)WAYS * 2 * (size_t)bins * sizeof(uint16_t);
     uint16_t *ways = scratch(0, bytes);
     if (ways == NULL) return -1;
-    if (wide)
-        count_double((const double *)data, n, bins, pre, step, ways, counts);
-    else
-        count_float((const float *)data, n, bins, (float)pre, (float)step, ways, counts);
+    if (wide) {
+        int64_t l = INT64_MAX, h = INT64_MIN;
+        count_double((const double *)data, n, bins, pre, step, ways, counts, &l, &h);
+        *lo = l < *lo ? l : *lo;
+        *hi = h > *hi ? h : *hi;
+    } else {
+        int32_t l = INT32_MAX, h = INT32_MIN;
+        count_float((const float *)data, n, bins, (float)pre, (float)step, ways, counts, &l, &h);
+        *lo = l < *lo ? l : *lo;
+        *hi = h > *hi ? h : *hi;
+    }
     release(ways, bytes);
     return 0;
 }
 
-/* count_serial over up to `threads` contiguous parts. Returns 0 or -1 (out of memory;
- * counts may then hold part of the counts). */
+/* count_serial over up to `threads` contiguous parts; the keys' extremes in *lo, *hi.
+ * Returns 0 or -1 (out of memory; counts may then hold part of the counts). */
 static int count_parts(const void *data, int64_t n, int wide, int32_t bins, double pre, double step,
-                       int64_t *counts, int threads) {
+                       int64_t *counts, int threads, int64_t *lo, int64_t *hi) {
     int64_t most = n / MIN_PER_THREAD;
+    int64_t l = INT64_MAX, h = INT64_MIN;
     if (threads > most) threads = (int)most;
 #ifdef _OPENMP
     if (threads > 1) {
         int failed = 0;
         const size_t size = wide ? sizeof(double) : sizeof(float);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) reduction(min : l) reduction(max : h)
         {
             const int64_t k = omp_get_thread_num(), t = omp_get_num_threads();
-            const int64_t lo = n * k / t, hi = n * (k + 1) / t;
+            const int64_t a = n * k / t, b = n * (k + 1) / t;
             const size_t bytes = (size_t)2 * bins * sizeof(int64_t);
             int64_t *part = scratch(1, bytes);
             int bad = part == NULL ||
-                      count_serial((const char *)data + lo * size, hi - lo, wide, bins, pre, step, part) != 0;
+                      count_serial((const char *)data + a * size, b - a, wide, bins, pre, step, part, &l, &h) != 0;
 #pragma omp critical(torch_nvdla_binning)
             {
                 if (bad)
@@ -183,26 +205,26 @@ static int count_parts(const void *data, int64_t n, int wide, int32_t bins, doub
                 release(part, bytes);
             }
         }
+        *lo = l;
+        *hi = h;
         return failed ? -1 : 0;
     }
 #else
     (void)threads;
 #endif
-    return count_serial(data, n, wide, bins, pre, step, counts);
+    int rc = count_serial(data, n, wide, bins, pre, step, counts, &l, &h);
+    *lo = l;
+    *hi = h;
+    return rc;
 }
 
-/* Extremes by integer keys: key(v) = bits ^ ((bits >> (w - 1)) & INT_MAX) orders every
- * non-NaN float like its value (negative floats have their magnitude bits reversed), and an
- * integer min/max vectorises without any floating-point flag. A NaN's key lies above
- * key(+inf) (sign clear) or below key(-inf) (sign set), so one comparison of each extreme
- * finds it. -0.0 keys below +0.0. */
+/* The smallest and largest KEY of n values. */
 #define DEFINE_KEYS(NAME, T, I, MASK)                                                      \
     CLONES static void NAME(const T *x, int64_t n, I *lo_out, I *hi_out) {                  \
         const I *b = (const I *)(const void *)x;                                            \
         I lo = *lo_out, hi = *hi_out;                                                       \
         for (int64_t i = 0; i < n; i++) {                                                   \
-            const I v = b[i];                                                               \
-            const I k = v ^ ((v >> (8 * sizeof(I) - 1)) & (I)(MASK));                       \
+            const I k = KEY(I, MASK, b[i]);                                                 \
             lo = k < lo ? k : lo;                                                           \
             hi = k > hi ? k : hi;                                                           \
         }                                                                                   \
@@ -275,11 +297,24 @@ PyDoc_STRVAR(extremes_doc,
 "else float32) as Python floats; (nan, nan) when any value is NaN. Up to `threads`\n"
 "OpenMP threads for large buffers; the GIL is released meanwhile.");
 
+/* The values of the extreme keys lo, hi into *vlo, *vhi; returns 0, or -1 when either is
+ * a NaN's (anything beyond the keys of -inf and +inf). */
+static int key_values(int64_t lo, int64_t hi, int wide, double *vlo, double *vhi) {
+    const int64_t pos_inf = wide ? (int64_t)0x7ff0000000000000LL : (int64_t)0x7f800000;
+    const int64_t neg_inf = wide ? (int64_t)0x7ff0000000000000LL ^ INT64_MAX ^ INT64_MIN
+                                 : (int64_t)(int32_t)(0xff800000u ^ 0x7fffffffu);
+    if (hi > pos_inf || lo < neg_inf) return -1;
+    *vlo = from_key(lo, wide);
+    *vhi = from_key(hi, wide);
+    return 0;
+}
+
 static PyObject *extremes(PyObject *self, PyObject *args) {
     unsigned long long data;
     Py_ssize_t n;
     int wide, threads = 1;
     int64_t lo, hi;
+    double vlo, vhi;
     (void)self;
     if (!PyArg_ParseTuple(args, "Knp|i", &data, &n, &wide, &threads)) return NULL;
     if (n < 1 || threads < 1) {
@@ -289,26 +324,33 @@ static PyObject *extremes(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     keys_parts((const void *)(uintptr_t)data, n, wide, threads, &lo, &hi);
     Py_END_ALLOW_THREADS
-    /* Keys of +inf and -inf: anything beyond them is a NaN. */
-    const int64_t pos_inf = wide ? (int64_t)0x7ff0000000000000LL : (int64_t)0x7f800000;
-    const int64_t neg_inf = wide ? (int64_t)0x7ff0000000000000LL ^ INT64_MAX ^ INT64_MIN
-                                 : (int64_t)(int32_t)(0xff800000u ^ 0x7fffffffu);
-    if (hi > pos_inf || lo < neg_inf) return Py_BuildValue("(dd)", Py_NAN, Py_NAN);
-    return Py_BuildValue("(dd)", from_key(lo, wide), from_key(hi, wide));
+    if (key_values(lo, hi, wide, &vlo, &vhi) != 0) return Py_BuildValue("(dd)", Py_NAN, Py_NAN);
+    return Py_BuildValue("(dd)", vlo, vhi);
+}
+
+/* Whether v (a value of the buffer's precision) lies strictly inside the bins:
+ * |(v * pre) * step| < bins, computed as the count loop computes it. */
+static int inside(double v, int wide, int32_t bins, double pre, double step) {
+    const double y = wide ? (v * pre) * step : (double)(((float)v * (float)pre) * (float)step);
+    return y < (double)bins && y > -(double)bins;
 }
 
 PyDoc_STRVAR(count_doc,
-"count(data_ptr, n, wide, bins, pre, step, counts_ptr, threads=1, also_ptr=0)\n\n"
+"count(data_ptr, n, wide, bins, pre, step, counts_ptr, threads=1, also_ptr=0)\n"
+"    -> (min, max, added)\n\n"
 "Write the signed bin counts of n contiguous values at data_ptr (float64 when wide, else\n"
 "float32) to the 2 * bins int64 at counts_ptr, using up to `threads` OpenMP threads for\n"
-"large buffers; when also_ptr is not 0, also add them to the 2 * bins int64 there (a\n"
-"running total at the same range). The GIL is released meanwhile.");
+"large buffers, and return the values' extremes as extremes() does ((inf, -inf) when n is\n"
+"0). The counts are valid when every value lies inside the bins (|x * pre * step| < bins,\n"
+"no NaN); then, when also_ptr is not 0, they are also added to the 2 * bins int64 there (a\n"
+"running total at the same range) and `added` is True. The GIL is released meanwhile.");
 
 static PyObject *count(PyObject *self, PyObject *args) {
     unsigned long long data, out, also = 0;
     Py_ssize_t n;
-    int wide, bins, threads = 1, rc;
-    double pre, step;
+    int wide, bins, threads = 1, rc, added = 0;
+    double pre, step, vlo = Py_HUGE_VAL, vhi = -Py_HUGE_VAL;
+    int64_t lo, hi;
     (void)self;
     if (!PyArg_ParseTuple(args, "KnpiddK|iK", &data, &n, &wide, &bins, &pre, &step, &out, &threads, &also))
         return NULL;
@@ -318,12 +360,24 @@ static PyObject *count(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     memset((void *)(uintptr_t)out, 0, sizeof(int64_t) * 2 * (size_t)bins);
-    rc = count_parts((const void *)(uintptr_t)data, n, wide, bins, pre, step, (int64_t *)(uintptr_t)out, threads);
-    if (rc == 0 && also != 0)
-        add_counts((int64_t *)(uintptr_t)also, (const int64_t *)(uintptr_t)out, 2 * (int64_t)bins);
+    rc = count_parts((const void *)(uintptr_t)data, n, wide, bins, pre, step, (int64_t *)(uintptr_t)out, threads,
+                     &lo, &hi);
+    if (rc == 0) {
+        int ok = 1;
+        if (n > 0 && key_values(lo, hi, wide, &vlo, &vhi) != 0) {
+            vlo = vhi = Py_NAN;
+            ok = 0;
+        } else if (n > 0) {
+            ok = inside(vlo, wide, bins, pre, step) && inside(vhi, wide, bins, pre, step);
+        }
+        if (ok && also != 0) {
+            add_counts((int64_t *)(uintptr_t)also, (const int64_t *)(uintptr_t)out, 2 * (int64_t)bins);
+            added = 1;
+        }
+    }
     Py_END_ALLOW_THREADS
     if (rc != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return Py_BuildValue("(ddO)", vlo, vhi, added ? Py_True : Py_False);
 }
 
 /* The entropy search's level sums (strategies.py, _entropy_rows): for every candidate k

@@ -140,6 +140,11 @@ def _pow2_above_float(m: float) -> float:
 _F64 = torch.float64
 
 
+def _settled(total: "Histogram | None") -> bool:
+    """``total`` is a CPU running total a batch can be binned at: it has seen finite values."""
+    return total is not None and total._host and total.numel > 0 and total._finite
+
+
 class Histogram:
     """Signed histogram on a power-of-two range.
 
@@ -263,33 +268,47 @@ class Histogram:
         return h
 
     @classmethod
-    def _of_cpu(cls, flat: torch.Tensor, bins: int) -> "Histogram":
+    def _of_cpu(cls, flat: torch.Tensor, bins: int, total: "Histogram | None" = None) -> "Histogram":
         """:meth:`of` for a non-empty CPU tensor: the extremes are read once, as Python
-        floats, and the range follows from them without further tensor operations."""
+        floats, and the range follows from them without further tensor operations.
+
+        With ``total`` (a CPU histogram of ``bins``, the running total of earlier batches),
+        the result is also merged into it, and it is binned at the total's range when its
+        values fit in it (:meth:`HistogramObserver.update`)."""
         _check_bins(bins)
         if KERNELS:
-            return cls._of_native(_native_ready(flat), bins)
+            return cls._of_native(_native_ready(flat), bins, total)
         lo, hi = (float(v) for v in torch.aminmax(flat))
         finite = math.isfinite(lo) and math.isfinite(hi)
         r = _pow2_above_float(max(-lo, hi) if finite else 0.0)
+        if finite and _settled(total) and r <= total._range:
+            r = total._range
         # Counts of a non-finite tensor are meaningless (the caller reports the tap).
         counts = _count_cpu(flat, bins, r) if finite else torch.zeros(2 * bins, dtype=torch.int64)
-        return cls._of_floats(counts, r, lo, hi, finite, flat.numel())
+        return cls._of_floats(counts, r, lo, hi, finite, flat.numel())._merged_into(total, counted=False)
 
     @classmethod
     def _of_native(cls, buf: torch.Tensor, bins: int, total: "Histogram | None" = None) -> "Histogram":
         """:meth:`_of_cpu` by the C kernels, of a contiguous float32/float64 CPU tensor of any
-        shape. With ``total`` (a CPU histogram of ``bins``), the result is also merged into it:
-        in the counting kernel itself when both have the same range (the usual case once a
-        tap's range has settled)."""
+        shape. With a settled ``total``, the batch is first counted at the total's range in
+        one pass that also finds its extremes and, when every value fits, adds the counts
+        into the total (the usual case once a tap's range has settled); otherwise the
+        extremes come first and the batch is counted at its own range."""
         ptr, n, wide = buf.data_ptr(), buf.numel(), buf.dtype == _F64
-        lo, hi = kernels.extremes(ptr, n, wide, threads())
+        counts = torch.empty(2 * bins, dtype=torch.int64)  # (the kernel writes every bin)
+        if _settled(total):
+            pre, step = _scaling(bins, total._range)
+            lo, hi, added = kernels.count(ptr, n, wide, bins, pre, step, counts.data_ptr(), threads(),
+                                          total.counts.data_ptr())
+            if added:
+                return cls._of_floats(counts, total._range, lo, hi, True, n)._merged_into(total, True)
+        else:
+            lo, hi = kernels.extremes(ptr, n, wide, threads())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             # Counts of a non-finite tensor are meaningless (the caller reports the tap).
-            h = cls._of_floats(torch.zeros(2 * bins, dtype=torch.int64), 2.0**_TINY_EXP, lo, hi, False, n)
+            h = cls._of_floats(counts.zero_(), 2.0**_TINY_EXP, lo, hi, False, n)
             return h._merged_into(total, counted=False)
         r = _pow2_above_float(max(-lo, hi))
-        counts = torch.empty(2 * bins, dtype=torch.int64)  # (the kernel writes every bin)
         pre, step = _scaling(bins, r)
         into = total is not None and total._range == r
         kernels.count(ptr, n, wide, bins, pre, step, counts.data_ptr(), threads(),
@@ -464,6 +483,27 @@ class Histogram:
         edges = torch.linspace(0.0, 1.0, bins + 1, dtype=_F64, device=self.device)
         return counts, edges * self._range
 
+    def scalars(self) -> tuple[float, float, float, bool]:
+        """``(range, min, max, finite)`` as Python numbers (off the CPU: one device read)."""
+        if self._host:
+            return self._range, self._min, self._max, self._finite
+        r, lo, hi, ok = torch.stack([self._range, self._min, self._max, self._finite.to(_F64)]).tolist()
+        return r, lo, hi, bool(ok)
+
+    @staticmethod
+    def abs_histograms(hs: "list[Histogram]") -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`abs_histogram` of histograms of one bin count on one device, stacked:
+        ``T x bins`` counts and ``T x (bins + 1)`` edges, in one set of operations."""
+        if not hs:
+            raise ValueError("abs_histograms needs at least one histogram")
+        bins, dev = hs[0].bins, hs[0].device
+        signed = torch.stack([h.counts for h in hs])
+        counts = signed[:, bins:] + signed[:, :bins].flip(1)
+        ranges = torch.tensor([float(h._range) for h in hs], dtype=_F64) if all(h._host for h in hs) \
+            else torch.stack([h.range.to(dev) for h in hs])
+        edges = torch.linspace(0.0, 1.0, bins + 1, dtype=_F64, device=dev)[None, :] * ranges.to(dev)[:, None]
+        return counts, edges
+
     def max_abs(self) -> float:
         """The exact largest |x| seen (0.0 when empty)."""
         if self.numel == 0:
@@ -517,15 +557,46 @@ class HistogramObserver:
         self.last = None
 
     def update(self, x: torch.Tensor) -> None:
-        """Add one tensor's values."""
+        """Add one tensor's values.
+
+        On the CPU a batch whose values fit in the running total's range is binned at that
+        range (:attr:`last` is then coarser than :meth:`Histogram.of` of the batch alone);
+        the total is the same either way, and :meth:`takes` says where :attr:`last` may
+        stand in for another tap's data."""
         hist = self.hist
-        if hist is not None and KERNELS and self._device is None and x.is_cpu and hist._host \
-                and x.dtype in _NATIVE_DTYPES and x.is_contiguous() and x.numel():
+        if hist is not None and self._device is None and x.is_cpu and hist._host and x.numel():
             # The CPU fast path: counted straight into the running total where it can be.
-            self.last = Histogram._of_native(x, self.bins, hist)
+            if KERNELS and x.dtype in _NATIVE_DTYPES and x.is_contiguous():
+                self.last = Histogram._of_native(x, self.bins, hist)  # (reads the buffer as it is)
+            else:
+                self.last = Histogram._of_cpu(_flat(x.detach()), self.bins, hist)
             return
         h = Histogram.of(x if self._device is None else x.to(self._device), self.bins)
         self.update_histogram(h)
+
+    def takes(self, h: Histogram, relu: bool = False) -> bool:
+        """Whether ``update_histogram(h)`` (``relu``: ``update_relu_of(h)``) adds exactly what
+        ``update(x)`` would, ``x`` being the tensor ``h`` counts (``relu(x)``).
+
+        ``h`` is binned at a power-of-two range ``R`` at least its values' own range ``r``
+        (``2**(floor(log2(max|x|)) + 1)``, of ``max(x, 0)`` for ``relu``), and merging it
+        gives counts at ``max(T, R)``, ``T`` the running total's range (none: ``R``), where
+        ``x`` itself would give ``max(T, r)``. Re-binning is exact between power-of-two
+        ranges, so the two agree when those ranges are equal. (Off the CPU, where this
+        would read the device, a batch histogram is at its own range and only the ReLU case
+        depends on the data: False for it.)
+        """
+        total = self.hist
+        if total is not None and h._host and total._host and total._range >= h._range:
+            return True  # (both merge at the total's range)
+        if h.device.type != "cpu" or (total is not None and total.device.type != "cpu"):
+            return not relu
+        if h.numel == 0 or not bool(h._finite):
+            return True  # (nothing to bin; a non-finite tap is reported whichever way)
+        lo, hi = float(h._min), float(h._max)
+        own = _pow2_above_float(max(hi, 0.0) if relu else max(-lo, hi))
+        top = float(total._range) if total is not None else 0.0
+        return max(top, float(h._range)) == max(top, own)
 
     def update_relu_of(self, h: Histogram) -> None:
         """Add the histogram of ``relu(x)`` given ``x``'s histogram ``h`` (exact when

@@ -245,47 +245,51 @@ def ranges_from_histograms(histograms: Mapping[str, Histogram], method: str,
         NonFiniteActivationError: naming every tap whose data held NaN or Inf.
     """
 
-    bad = [name for name, h in histograms.items() if not bool(h.finite)]
+    scalars = {name: h.scalars() for name, h in histograms.items()}  # (range, min, max, finite)
+    bad = [name for name, (_, _, _, finite) in scalars.items() if not finite]
     if bad:
         raise NonFiniteActivationError(
             f"NaN or Inf activations in {len(bad)} tap(s): {', '.join(bad[:10])}"
             + (" ..." if len(bad) > 10 else "") + "; fix the model or the data (no table was written)"
         )
     overrides = dict(overrides or {})
-    keys: dict[str, tuple] = {}
-    unique: dict[tuple, tuple[Histogram, str]] = {}  # taps sharing one histogram search once
+    keys: dict[str, int] = {}
+    unique: dict[int, tuple[Histogram, str]] = {}  # taps sharing one histogram search once
+    alike: dict[tuple, list[int]] = {}  # (method, range, min, max, numel) -> unique histograms with them
     for name, h in histograms.items():
         if h.numel:
             tap_method = overrides.get(name, method)
-            key = (tap_method, h.max_abs(), float(h.range), hashlib.sha256(h.counts.cpu().numpy().tobytes()).digest())
+            similar = alike.setdefault((tap_method, *scalars[name][:3], h.numel), [])
+            key = next((k for k in similar if torch.equal(unique[k][0].counts, h.counts)), None)
+            if key is None:
+                key = len(unique)
+                unique[key] = (h, tap_method)
+                similar.append(key)
             keys[name] = key
-            unique.setdefault(key, (h, tap_method))
     picked = _pick_all(unique, method, options)
     ranges = {}
     for name, h in histograms.items():
         amax, tap_method, note = picked[keys[name]] if name in keys else (0.0, overrides.get(name, method), "")
         if not amax > 0.0:
             amax = ZERO_TAP_AMAX
-        lo = float(h.min) if h.numel else 0.0
-        hi = float(h.max) if h.numel else 0.0
+        _, lo, hi, _ = scalars[name] if h.numel else (0.0, 0.0, 0.0, True)
         ranges[name] = TapRange(name, amax, tap_method, lo, hi, note)
     return ranges
 
 
-def _pick_all(unique: Mapping[tuple, tuple[Histogram, str]], method: str,
-              options: Mapping) -> dict[tuple, tuple[float, str, str]]:
+def _pick_all(unique: Mapping[int, tuple[Histogram, str]], method: str,
+              options: Mapping) -> dict[int, tuple[float, str, str]]:
     """``(amax, method used, note)`` of every distinct histogram. The entropy searches run
     as one batch per bin count and device (:func:`entropy_amax_batch`), the others one by
     one."""
-    raw: dict[tuple, float] = {}
-    clipped: dict[tuple, float] = {}
-    batches: dict[tuple, list[tuple]] = {}
+    raw: dict[int, float] = {}
+    clipped: dict[int, float] = {}
+    batches: dict[tuple, list[int]] = {}
     for key, (h, tap_method) in unique.items():
         if tap_method == "entropy":
             batches.setdefault((h.bins, h.device), []).append(key)
     for group in batches.values():
-        counts, edges = zip(*(unique[key][0].abs_histogram() for key in group))
-        counts, edges = torch.stack(counts), torch.stack(edges)
+        counts, edges = Histogram.abs_histograms([unique[key][0] for key in group])
         opts = options if method == "entropy" else {}
         try:
             picks = entropy_amax_batch(counts, edges, **opts)

@@ -462,7 +462,7 @@ class TapHooks:
             if _observable(x):
                 obs = self._observer(name, path, call, "module-input", type(module).__name__)
                 src = self._observed_as(seen) if self.selection.reuse else None
-                if src is not None:
+                if src is not None and obs.takes(self.observers[src].last):
                     obs.update_histogram(self.observers[src].last)
                     self.reused[name] = src
                 else:
@@ -486,14 +486,16 @@ class TapHooks:
             else:
                 obs = self._observer(tap, path, call, "output", site.module_type)
                 last = self.observers[src].last if src is not None and site.copies else None
-                # relu() of the producer's histogram is exact only when its positive side
-                # sets the range; otherwise observe the output itself. (Off the CPU that
-                # test would read the device once per batch: the output is binned there.)
-                if last is not None and site.copies == "same":
-                    obs.update_histogram(last)
-                    self.reused[tap] = src
-                elif last is not None and last.device.type == "cpu" and last.relu_is_exact():
-                    obs.update_relu_of(last)
+                # The producer's batch histogram (its relu()) stands in for the output where
+                # merging it gives the same total (HistogramObserver.takes); otherwise the
+                # output itself is observed. (Off the CPU a ReLU's test would read the device
+                # once per batch: the output is binned there.)
+                relu = site.copies == "relu"
+                if last is not None and obs.takes(last, relu):
+                    if relu:
+                        obs.update_relu_of(last)
+                    else:
+                        obs.update_histogram(last)
                     self.reused[tap] = src
                 else:
                     obs.update(output)
