@@ -434,13 +434,47 @@ def test_native_extremes_equal_torch_aminmax():
             v = x.to(dtype)
             lo, hi = (float(t) for t in torch.aminmax(v))
             for threads in (1, 2, 3):
-                got = native.kernels.extremes(v.data_ptr(), v.numel(), dtype == torch.float64, threads)
+                wide = dtype == torch.float64
+                got = native.kernels.extremes(v.data_ptr(), v.numel(), wide, threads)
+                # The counting pass finds the same extremes.
+                counts = torch.empty(2 * 16, dtype=torch.int64)
+                also = native.kernels.count(v.data_ptr(), v.numel(), wide, 16, 1.0, 1.0, counts.data_ptr(), threads)
                 if math.isnan(lo):
-                    assert all(math.isnan(e) for e in got)
+                    assert all(math.isnan(e) for e in got) and all(math.isnan(e) for e in also[:2])
                 else:
-                    assert got == (lo, hi), (dtype, threads, got, (lo, hi))
+                    assert got == (lo, hi) == also[:2], (dtype, threads, got, also, (lo, hi))
     with pytest.raises(ValueError, match="n must be >= 1"):
         native.kernels.extremes(cases[0].data_ptr(), 0, False)
+
+
+def test_native_count_adds_into_a_total_only_when_every_value_fits():
+    """``count`` at a guessed range: with every |x| below the range (``|x * pre * step| <
+    bins``) its counts are the histogram's at that range and are added into the total;
+    with one value on or past the edge, or a NaN, nothing is added (the caller recounts).
+    An empty buffer adds zeros and reports (inf, -inf)."""
+    from torch_nvdla.calib import native
+
+    if native.kernels is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install): torch paths only")
+    bins = 8
+    for values, fits in (([1.0, -3.99, 0.0], True), ([4.0, 1.0], False), ([1.0, -4.0], False),
+                         ([1.0, math.nan], False), ([math.inf], False), ([-0.0, 3.9999], True)):
+        for dtype in (torch.float32, torch.float64):
+            x = torch.tensor(values, dtype=dtype)
+            total = torch.arange(2 * bins, dtype=torch.int64)
+            before = total.clone()
+            counts = torch.empty(2 * bins, dtype=torch.int64)
+            lo, hi, added = native.kernels.count(x.data_ptr(), x.numel(), dtype == torch.float64, bins, 1.0,
+                                                 bins / 4.0, counts.data_ptr(), 2, total.data_ptr())
+            assert added == fits, (values, dtype)
+            if fits:  # the histogram at range 4, added once
+                assert torch.equal(counts, Histogram.of(x, bins).rebinned(4.0))
+                assert torch.equal(total, before + counts)
+                assert (lo, hi) == (float(x.min()), float(x.max()))
+            else:
+                assert torch.equal(total, before)
+    lo, hi, added = native.kernels.count(0, 0, False, bins, 1.0, 1.0, counts.data_ptr(), 1, total.data_ptr())
+    assert (lo, hi, added) == (math.inf, -math.inf, True) and int(counts.abs().sum()) == 0
 
 
 def test_histogram_is_the_same_with_and_without_the_c_kernels(monkeypatch):

@@ -8,7 +8,8 @@
  * the truncation is 0 either way). The caller guarantees |x * pre * step| < bins and no
  * NaN, so every index is in [0, 2 * bins). y is clamped to [-(bins - 1), bins - 1], which
  * changes no truncation of a valid y and keeps any other value (a broken guarantee, NaN)
- * from indexing out of bounds.
+ * from indexing out of bounds. The same pass finds the extremes, so the caller can count
+ * at a guessed range (a running total's) and learn whether the guarantee held.
  *
  * extremes: min and max of such a buffer by integer keys (see below).
  *

@@ -600,7 +600,7 @@ class HistogramObserver:
 
     def update_relu_of(self, h: Histogram) -> None:
         """Add the histogram of ``relu(x)`` given ``x``'s histogram ``h`` (exact when
-        ``h.relu_is_exact()``): ``update_histogram(h.relu())``, in one step on the CPU."""
+        ``takes(h, relu=True)``): ``update_histogram(h.relu())``, in one step on the CPU."""
         if self.hist is None:
             self.update_histogram(h.relu())
         else:
