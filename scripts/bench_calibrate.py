@@ -5,7 +5,8 @@ For each model, in one run and on the same images:
 
 * **time** -- a plain ``model(x)`` pass under ``torch.no_grad()`` and a ``calibrate(model,
   loader)`` pass (hooks, histograms and the final range search included), alternated
-  ``--repeats`` times after a warm-up; the best of each is compared. Targets: calibrate
+  ``--repeats`` times after a warm-up; the best of each is compared (and the median, over
+  repeats, of each calibrate pass over the forward just before it). Targets: calibrate
   <= 1.5x the forward on the CPU, <= 1.2x on CUDA.
 * **peak memory** -- CPU: each pass runs in a fresh subprocess, which reports its peak
   resident set (Linux: ``VmHWM`` after resetting it through ``/proc/self/clear_refs`` just
@@ -108,6 +109,7 @@ class Result:
     forward_cpu_s: float = 0.0
     calibrate_cpu_s: float = 0.0
     cpu_ratio: float = 0.0
+    paired_ratio: float = 0.0
     forward_peak_mib: float | None = None
     calibrate_peak_mib: float | None = None
     memory_ratio: float | None = None
@@ -241,11 +243,15 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_passes(w: Workload, repeats: int, device: torch.device) -> tuple[tuple[float, float], tuple[float, float], int]:
-    """Best-of-``repeats`` (wall, CPU) seconds of the forward and the calibrate pass, alternated.
+def time_passes(w: Workload, repeats: int,
+                device: torch.device) -> tuple[tuple[float, float], tuple[float, float], int, float]:
+    """Best-of-``repeats`` (wall, CPU) seconds of the forward and the calibrate pass,
+    alternated, and the median over repeats of each calibrate pass's wall time over the
+    forward's just before it.
 
-    The CPU time (all threads) is the steadier number on a shared machine: it does not
-    count the time other processes hold the cores.
+    The CPU time (all threads) does not count the time other processes hold the cores; the
+    paired median follows a machine whose speed drifts between repeats (both passes of a
+    pair see the same state) and ignores a repeat that one pass lost to a stall.
     """
     forward_pass(w.model, w.batches[:1])  # warm-up: allocator, kernels, lazy init
     taps = len(calibrate_pass(w.model, w.batches[:1]))
@@ -255,7 +261,10 @@ def time_passes(w: Workload, repeats: int, device: torch.device) -> tuple[tuple[
         cal.append(_timed(lambda: calibrate_pass(w.model, w.batches), device))
         gc.collect()
     best = lambda runs: (min(r[0] for r in runs), min(r[1] for r in runs))  # noqa: E731
-    return best(fwd), best(cal), taps
+    paired = sorted(c[0] / f[0] for f, c in zip(fwd, cal))
+    middle = len(paired) // 2
+    median = paired[middle] if len(paired) % 2 else (paired[middle - 1] + paired[middle]) / 2
+    return best(fwd), best(cal), taps, median
 
 
 def _proc_status_mib(key: str) -> float | None:
@@ -414,7 +423,8 @@ def print_results(results: list[Result]) -> None:
     from rich.table import Table
 
     t = Table(title="calibrate vs plain FP32 forward (same images; best of repeats)")
-    for col in ("model", "device", "images", "forward s", "calibrate s", "time ratio", "CPU-time ratio",
+    for col in ("model", "device", "images", "forward s", "calibrate s", "time ratio", "paired median",
+                "CPU-time ratio",
                 "mem batch", "forward peak MiB", "calibrate peak MiB", "mem ratio", "added MiB fwd/cal"):
         t.add_column(col, justify="left" if col in ("model", "device") else "right")
     for r in results:
@@ -423,7 +433,7 @@ def print_results(results: list[Result]) -> None:
         t.add_row(
             r.model, f"{r.device} x{r.threads}" if r.device == "cpu" else r.device, str(r.images),
             f"{r.forward_s:.2f}", f"{r.calibrate_s:.2f}",
-            f"[{ok_t}]{r.time_ratio:.2f}x[/] (<= {r.time_target}x)",
+            f"[{ok_t}]{r.time_ratio:.2f}x[/] (<= {r.time_target}x)", f"{r.paired_ratio:.2f}x",
             f"{r.cpu_ratio:.2f}x ({r.forward_cpu_s:.1f} / {r.calibrate_cpu_s:.1f} s)", str(r.memory_batch),
             _fmt(r.forward_peak_mib, ".0f"), _fmt(r.calibrate_peak_mib, ".0f"),
             "-" if r.memory_ratio is None else f"[{ok_m}]{r.memory_ratio:.3f}x[/] (<= {r.memory_target}x)",
@@ -506,10 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if w is None:
             continue
         print(f"{name}: {w.images} images ({w.source}), timing...", file=sys.stderr)
-        (fwd, fwd_cpu), (cal, cal_cpu), taps = time_passes(w, args.repeats, device)
+        (fwd, fwd_cpu), (cal, cal_cpu), taps, paired = time_passes(w, args.repeats, device)
         r = Result(name, str(device), w.source, w.images, args.batch_size, args.threads, fwd, cal,
                    cal / fwd, TIME_TARGET.get(device.type, 1.5), args.memory_batch,
-                   fwd_cpu, cal_cpu, cal_cpu / fwd_cpu, taps=taps, binning=("C kernels" if KERNELS else "torch") if device.type == "cpu" else "")
+                   fwd_cpu, cal_cpu, cal_cpu / fwd_cpu, paired, taps=taps, binning=("C kernels" if KERNELS else "torch") if device.type == "cpu" else "")
         if not args.no_memory:
             print(f"{name}: peak memory at batch {args.memory_batch}...", file=sys.stderr)
             if device.type == "cuda":

@@ -369,7 +369,9 @@ class TapHooks:
         self.observers: dict[str, HistogramObserver] = {}
         self.infos: dict[str, TapInfo] = {}
         self.skipped: dict[str, str] = {}  # tap -> why it was not observed
-        self.reused: dict[str, str] = {}  # tap -> the tap whose histogram it reuses
+        # tap -> the tap whose values it copies (its histogram reused where exact), or whose
+        # histogram a ReLU's was derived from
+        self.reused: dict[str, str] = {}
         self._sites = CallSites(model, on_input=self._on_input, on_call=self._on_call, on_output=self._on_output)
         self._source: dict[int, str | None] = {}  # id(module) -> tap its input reuses
         # tensor -> (the leaf call or "data" that made it, the tap that observed it), as
@@ -462,8 +464,9 @@ class TapHooks:
             if _observable(x):
                 obs = self._observer(name, path, call, "module-input", type(module).__name__)
                 src = self._observed_as(seen) if self.selection.reuse else None
-                if src is not None and obs.takes(self.observers[src].last):
-                    obs.update_histogram(self.observers[src].last)
+                if src is not None:  # (the same values: src's histogram, or binned where that is not exact)
+                    last = self.observers[src].last
+                    obs.update_histogram(last) if obs.takes(last) else obs.update(x)
                     self.reused[name] = src
                 else:
                     obs.update(x)
@@ -492,10 +495,10 @@ class TapHooks:
                 # once per batch: the output is binned there.)
                 relu = site.copies == "relu"
                 if last is not None and obs.takes(last, relu):
-                    if relu:
-                        obs.update_relu_of(last)
-                    else:
-                        obs.update_histogram(last)
+                    obs.update_relu_of(last) if relu else obs.update_histogram(last)
+                    self.reused[tap] = src
+                elif last is not None and not relu:  # the same values, binned here
+                    obs.update(output)
                     self.reused[tap] = src
                 else:
                     obs.update(output)
