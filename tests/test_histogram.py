@@ -603,3 +603,21 @@ def test_calibration_through_the_accelerator_path_gives_the_cpu_table(monkeypatc
     for name in host.histograms:
         _same(dev.histograms[name], host.histograms[name])
     assert host.meta["reused"] and dev.meta["reused"], "the model has ReLUs whose histograms are derived"
+
+
+def test_stacked_abs_histograms_and_scalars_equal_the_one_by_one_ones():
+    """``Histogram.abs_histograms`` stacks what ``abs_histogram`` gives each histogram (any
+    ranges, CPU and accelerator-path histograms alike); ``scalars()`` gives the attributes'
+    values as Python numbers."""
+    g = torch.Generator().manual_seed(21)
+    xs = [torch.randn(500, generator=g) * s for s in (0.01, 1.0, 300.0)] + [torch.zeros(7)]
+    for make in (Histogram.of, _device_path):
+        hs = [make(x) for x in xs]
+        counts, edges = Histogram.abs_histograms(hs)
+        for i, h in enumerate(hs):
+            c, e = h.abs_histogram()
+            assert torch.equal(counts[i], c) and torch.equal(edges[i], e)
+            assert h.scalars() == (float(h.range), float(h.min), float(h.max), bool(h.finite))
+    assert _device_path(torch.tensor([1.0, math.nan])).scalars()[3] is False
+    with pytest.raises(ValueError, match="at least one"):
+        Histogram.abs_histograms([])
