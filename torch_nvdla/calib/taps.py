@@ -199,6 +199,8 @@ def tensor_args(args) -> list[torch.Tensor]:
 
 def first_tensor(args) -> torch.Tensor | None:
     """The first tensor among call arguments, or None."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]  # (the usual call: no list built)
     tensors = tensor_args(args)
     return tensors[0] if tensors else None
 
