@@ -124,10 +124,12 @@ def test_a_batch_histogram_stands_in_for_its_data_exactly_when_taken(device, bat
             continue
         y = torch.relu(x) if relu else x
         direct.update(y)
-        if consumer.takes(producer.last, relu):
-            consumer.update_relu_of(producer.last) if relu else consumer.update_histogram(producer.last)
-        else:
+        if not consumer.takes(producer.last, relu):
             consumer.update(y)
+        elif relu:
+            consumer.update_relu_of(producer.last)
+        else:
+            consumer.update_histogram(producer.last)
         _assert_same(consumer.histogram, direct.histogram)
     _assert_same(producer.histogram, Histogram.of(_t([v for xs in batches for v in xs], device), BINS))
 

@@ -466,9 +466,12 @@ class TapHooks:
             if _observable(x):
                 obs = self._observer(name, path, call, "module-input", type(module).__name__)
                 src = self._observed_as(seen) if self.selection.reuse else None
-                if src is not None:  # (the same values: src's histogram, or binned where that is not exact)
+                if src is not None:  # the same values: src's histogram, or binned where that is not exact
                     last = self.observers[src].last
-                    obs.update_histogram(last) if obs.takes(last) else obs.update(x)
+                    if obs.takes(last):
+                        obs.update_histogram(last)
+                    else:
+                        obs.update(x)
                     self.reused[name] = src
                 else:
                     obs.update(x)
@@ -497,7 +500,10 @@ class TapHooks:
                 # once per batch: the output is binned there.)
                 relu = site.copies == "relu"
                 if last is not None and obs.takes(last, relu):
-                    obs.update_relu_of(last) if relu else obs.update_histogram(last)
+                    if relu:
+                        obs.update_relu_of(last)
+                    else:
+                        obs.update_histogram(last)
                     self.reused[tap] = src
                 elif last is not None and not relu:  # the same values, binned here
                     obs.update(output)
