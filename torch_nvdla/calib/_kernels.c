@@ -11,7 +11,7 @@
  * from indexing out of bounds. The same pass finds the extremes, so the caller can count
  * at a guessed range (a running total's) and learn whether the guarantee held.
  *
- * extremes: min and max of such a buffer by integer keys (see below).
+ * extremes: min and max of such a buffer by integer keys (see KEY).
  *
  * relu_fold: a ReLU's counts from its input's (the non-positive side moved to bin 0).
  *
