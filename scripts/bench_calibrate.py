@@ -44,6 +44,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -261,10 +262,7 @@ def time_passes(w: Workload, repeats: int,
         cal.append(_timed(lambda: calibrate_pass(w.model, w.batches), device))
         gc.collect()
     best = lambda runs: (min(r[0] for r in runs), min(r[1] for r in runs))  # noqa: E731
-    paired = sorted(c[0] / f[0] for f, c in zip(fwd, cal))
-    middle = len(paired) // 2
-    median = paired[middle] if len(paired) % 2 else (paired[middle - 1] + paired[middle]) / 2
-    return best(fwd), best(cal), taps, median
+    return best(fwd), best(cal), taps, statistics.median(c[0] / f[0] for f, c in zip(fwd, cal))
 
 
 def _proc_status_mib(key: str) -> float | None:

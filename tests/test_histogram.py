@@ -607,8 +607,9 @@ def test_calibration_through_the_accelerator_path_gives_the_cpu_table(monkeypatc
 
 def test_stacked_abs_histograms_and_scalars_equal_the_one_by_one_ones():
     """``Histogram.abs_histograms`` stacks what ``abs_histogram`` gives each histogram (any
-    ranges, CPU and accelerator-path histograms alike); ``scalars()`` gives the attributes'
-    values as Python numbers."""
+    ranges, CPU and accelerator-path histograms alike): ``counts[bins + j] + counts[bins - 1
+    - j]`` and edges ``j * R / bins``; ``scalars()`` gives the attributes' values as Python
+    numbers."""
     g = torch.Generator().manual_seed(21)
     xs = [torch.randn(500, generator=g) * s for s in (0.01, 1.0, 300.0)] + [torch.zeros(7)]
     for make in (Histogram.of, _device_path):
@@ -616,7 +617,11 @@ def test_stacked_abs_histograms_and_scalars_equal_the_one_by_one_ones():
         counts, edges = Histogram.abs_histograms(hs)
         for i, h in enumerate(hs):
             c, e = h.abs_histogram()
-            assert torch.equal(counts[i], c) and torch.equal(edges[i], e)
+            bins, r = h.bins, float(h.range)
+            folded = torch.tensor([int(h.counts[bins + j]) + int(h.counts[bins - 1 - j]) for j in range(bins)])
+            steps = torch.arange(bins + 1, dtype=torch.float64) * r / bins  # exact: bins is a power of two
+            assert torch.equal(counts[i], folded) and torch.equal(c, folded)
+            assert torch.equal(edges[i], steps) and torch.equal(e, steps)
             assert h.scalars() == (float(h.range), float(h.min), float(h.max), bool(h.finite))
     assert _device_path(torch.tensor([1.0, math.nan])).scalars()[3] is False
     with pytest.raises(ValueError, match="at least one"):

@@ -470,18 +470,22 @@ class Histogram:
         if self.numel == 0:
             return True
         if self._host:
-            return _pow2_above_float(max(self._max, 0.0)) == self._range
+            return self._own_range(relu=True) == self._range
         return bool(_pow2_above(self._max.clamp_min(0.0)) == self._range)
+
+    def _own_range(self, relu: bool = False) -> float:
+        """The smallest power-of-two range above the values seen (of ``max(x, 0)`` for
+        ``relu``), from the extremes read as Python floats (a device read off the CPU)."""
+        lo, hi = float(self._min), float(self._max)
+        return _pow2_above_float(max(hi, 0.0) if relu else max(-lo, hi))
 
     def abs_histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The histogram of ``|x|``: ``bins`` int64 counts and ``bins + 1`` float64 edges.
 
         ``counts_abs[j] = counts[bins + j] + counts[bins - 1 - j]``; edges ``j * R / bins``.
         """
-        bins = self.bins
-        counts = self.counts[bins:] + self.counts[:bins].flip(0)
-        edges = torch.linspace(0.0, 1.0, bins + 1, dtype=_F64, device=self.device)
-        return counts, edges * self._range
+        counts, edges = Histogram.abs_histograms([self])
+        return counts[0], edges[0]
 
     def scalars(self) -> tuple[float, float, float, bool]:
         """``(range, min, max, finite)`` as Python numbers (off the CPU: one device read)."""
@@ -593,10 +597,8 @@ class HistogramObserver:
             return not relu
         if h.numel == 0 or not bool(h._finite):
             return True  # (nothing to bin; a non-finite tap is reported whichever way)
-        lo, hi = float(h._min), float(h._max)
-        own = _pow2_above_float(max(hi, 0.0) if relu else max(-lo, hi))
         top = float(total._range) if total is not None else 0.0
-        return max(top, float(h._range)) == max(top, own)
+        return max(top, float(h._range)) == max(top, h._own_range(relu))
 
     def update_relu_of(self, h: Histogram) -> None:
         """Add the histogram of ``relu(x)`` given ``x``'s histogram ``h`` (exact when

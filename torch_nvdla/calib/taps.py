@@ -505,11 +505,10 @@ class TapHooks:
                     else:
                         obs.update_histogram(last)
                     self.reused[tap] = src
-                elif last is not None and not relu:  # the same values, binned here
-                    obs.update(output)
-                    self.reused[tap] = src
                 else:
                     obs.update(output)
+                    if last is not None and not relu:  # the same values, binned here
+                        self.reused[tap] = src
                 seen = tap
         derived = site.derived
         if site.unfolded_batchnorm:
