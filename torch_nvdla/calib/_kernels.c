@@ -41,6 +41,7 @@
  * are counted. */
 #define WAYS 4
 #define BLOCK 512
+_Static_assert(WAYS == 4 && BLOCK % WAYS == 0, "the count loop and flush are written for four ways");
 /* Sub-histograms are uint16 (four of 2 * 2048 bins fit a 32 KiB L1 cache). Between
  * flushes a way receives at most FLUSH / WAYS values plus the up to WAYS - 1 of a call's
  * last partial round (always way 0), so no bin passes UINT16_MAX. */
@@ -66,7 +67,7 @@
                      int64_t *counts, I *lo_out, I *hi_out) {                               \
         const int32_t width = 2 * bins;                                                     \
         const T hi = (T)(bins - 1); /* trunc(y) is the same for y in [hi, bins) */          \
-        int32_t index[BLOCK];                                                               \
+        uint32_t index[BLOCK]; /* (non-negative: 0 <= index < width) */                     \
         int64_t since_flush = 0;                                                            \
         I lo_key = *lo_out, hi_key = *hi_out;                                               \
         for (int64_t start = 0; start < n; start += BLOCK) {                                \
@@ -81,14 +82,17 @@
                 T y = (v * pre) * step;                                                     \
                 y = y < hi ? y : hi; /* NaN -> hi */                                        \
                 y = y > -hi ? y : -hi;                                                      \
-                index[j] = bins + (int32_t)y - (int32_t)(v < (T)0);                         \
+                index[j] = (uint32_t)(bins + (int32_t)y - (int32_t)(v < (T)0));             \
             }                                                                               \
             int32_t j = 0;                                                                  \
-            for (; j + WAYS <= m; j += WAYS) {                                              \
-                ways[index[j]]++;                                                           \
-                ways[width + index[j + 1]]++;                                               \
-                ways[2 * width + index[j + 2]]++;                                           \
-                ways[3 * width + index[j + 3]]++;                                           \
+            for (; j + WAYS <= m; j += WAYS) { /* two indices a 64-bit load (either order) */\
+                uint64_t a, c;                                                              \
+                memcpy(&a, index + j, sizeof a);                                            \
+                memcpy(&c, index + j + 2, sizeof c);                                        \
+                ways[(uint32_t)a]++;                                                        \
+                ways[width + (a >> 32)]++;                                                  \
+                ways[2 * width + (uint32_t)c]++;                                            \
+                ways[3 * width + (c >> 32)]++;                                              \
             }                                                                               \
             for (; j < m; j++) ways[index[j]]++;                                            \
             since_flush += m;                                                               \
@@ -102,16 +106,15 @@
         *hi_out = hi_key;                                                                   \
     }
 
-static void flush(uint16_t *ways, int32_t width, int64_t *counts) {
-    for (int32_t w = 0; w < WAYS; w++) {
-        uint16_t *h = ways + (size_t)w * width;
-        for (int32_t b = 0; b < width; b++) counts[b] += h[b];
-    }
+/* The sub-histograms added into counts (one pass over counts), then zeroed. */
+CLONES static void flush(uint16_t *ways, int32_t width, int64_t *counts) {
+    const uint16_t *h1 = ways + width, *h2 = ways + 2 * (size_t)width, *h3 = ways + 3 * (size_t)width;
+    for (int32_t b = 0; b < width; b++) counts[b] += (uint32_t)ways[b] + h1[b] + h2[b] + h3[b];
     memset(ways, 0, sizeof(uint16_t) * (size_t)WAYS * width);
 }
 
 /* dst[i] += src[i] for i < n (a part's or a batch's counts into a total). */
-static void add_counts(int64_t *dst, const int64_t *src, int64_t n) {
+CLONES static void add_counts(int64_t *dst, const int64_t *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] += src[i];
 }
 
