@@ -228,15 +228,6 @@ def _extent(x: torch.Tensor) -> tuple | None:
     return (x.device, x.data_ptr(), x.numel(), x.dtype)
 
 
-@dataclass
-class _Producer:
-    """A remembered tensor: what it was remembered as, and at which version."""
-
-    ref: weakref.ref
-    version: int
-    value: Any
-
-
 class TensorMemo:
     """What made (or observed) each tensor of one forward pass: found by identity, or by the
     elements a tensor spans (so a view of all of a remembered tensor's elements --
@@ -248,8 +239,9 @@ class TensorMemo:
     """
 
     def __init__(self) -> None:
-        self._by_id: dict[int, _Producer] = {}
-        self._by_extent: dict[tuple, _Producer] = {}
+        # id / extent -> (weak reference, version when remembered, value)
+        self._by_id: dict[int, tuple[weakref.ref, int, Any]] = {}
+        self._by_extent: dict[tuple, tuple[weakref.ref, int, Any]] = {}
 
     def clear(self) -> None:
         self._by_id.clear()
@@ -257,7 +249,7 @@ class TensorMemo:
 
     def remember(self, x: torch.Tensor, value: Any) -> None:
         """Record ``value`` for ``x`` as it is now."""
-        p = _Producer(weakref.ref(x), x._version, value)
+        p = (weakref.ref(x), x._version, value)
         self._by_id[id(x)] = p
         extent = _extent(x)
         if extent is not None:
@@ -269,13 +261,13 @@ class TensorMemo:
         if not isinstance(x, torch.Tensor):
             return None
         p = self._by_id.get(id(x))
-        if p is None or p.ref() is not x:
+        if p is None or p[0]() is not x:
             extent = _extent(x)
             p = self._by_extent.get(extent) if extent is not None else None
-            origin = p.ref() if p is not None else None
+            origin = p[0]() if p is not None else None
             if origin is None or _extent(origin) != extent:
                 return None
-        return p.value if x._version == p.version else None
+        return p[2] if x._version == p[1] else None
 
 
 class CallSites:
@@ -298,7 +290,7 @@ class CallSites:
         self._on_input, self._on_call, self._on_output = on_input, on_call, on_output
         self._handles: list = []
         self._calls: dict[str, int] = {}
-        self._running: dict[int, list[tuple[str, int]]] = {}  # id(module) -> (tap, call) stack
+        self._running: dict[int, tuple] = {}  # id(module) -> (tap, call, the entry below it) stack
 
     def __enter__(self) -> "CallSites":
         try:
@@ -330,22 +322,38 @@ class CallSites:
             self._on_input(module, args, kwargs)
 
     def _make_start_call(self, path: str):
+        calls, running, on_call = self._calls, self._running, self._on_call
+        names = [path]  # tap_name(path, call) by call
+
         def start_call(module, args):
-            call = self._calls.get(path, 0)
-            self._calls[path] = call + 1
-            tap = tap_name(path, call)
-            self._running.setdefault(id(module), []).append((tap, call))
-            if self._on_call is not None:
-                self._on_call(tap, path, call, module, args)
+            call = calls.get(path, 0)
+            calls[path] = call + 1
+            if call == len(names):
+                names.append(tap_name(path, call))
+            tap = names[call]
+            key = id(module)
+            running[key] = (tap, call, running.get(key))  # (a stack: a module may run inside itself)
+            if on_call is not None:
+                on_call(tap, path, call, module, args)
 
         return start_call
 
     def _make_end_call(self, path: str):
+        running, on_output = self._running, self._on_output
+
         def end_call(module, args, output):
-            stack = self._running.get(id(module))
-            tap, call = stack.pop() if stack else (path, 0)
-            if self._on_output is not None:
-                self._on_output(tap, path, call, module, args, output)
+            key = id(module)
+            top = running.get(key)
+            if top is None:  # (a call that started before the hooks were added)
+                tap, call = path, 0
+            else:
+                tap, call, below = top
+                if below is None:
+                    del running[key]
+                else:
+                    running[key] = below
+            if on_output is not None:
+                on_output(tap, path, call, module, args, output)
 
         return end_call
 
@@ -418,17 +426,16 @@ class TapHooks:
         return seen if seen is not None and self.observers[seen].last is not None else None
 
     def _wants_input(self, tap: str, x, made: str | None, seen: str | None) -> bool:
-        """Observe call ``tap``'s input ``x`` (made by ``made``, observed as ``seen``): asked
-        for by name, or (``unseen_inputs``) no tap holds it as it is and no leaf made it
-        unchanged (a functional op's result, or changed in place since), or it is held only
-        as another call's ``:input`` (a functional result read by several calls: each gets
-        its own name, sharing the one histogram)."""
+        """Observe call ``tap``'s input ``x`` (made by ``made``, its values held by tap
+        ``seen``, see :meth:`_observed_as`): asked for by name, or (``unseen_inputs``) no tap
+        holds it as it is and no leaf made it unchanged (a functional op's result, or changed
+        in place since), or it is held only as another call's ``:input`` (a functional result
+        read by several calls: each gets its own name, sharing the one histogram)."""
         if self.selection.inputs and self.selection.wants_input(tap):
             return True
         if not self.selection.unseen_inputs or not _observable(x):
             return False
-        seen = self._observed_as(seen)
-        return (seen is None and made is None) or (seen or "").endswith(":input")
+        return (seen is None and made is None) or (seen is not None and seen.endswith(":input"))
 
     def _from_conv(self, x) -> bool:
         """``x`` is a Conv2d's output, unchanged since (a BatchNorm on it can fold)."""
@@ -461,18 +468,19 @@ class TapHooks:
     def _on_call(self, tap, path, call, module, args):
         x = first_tensor(args)
         made, seen = self._record(x)
+        seen = self._observed_as(seen)
         if self._wants_input(tap, x, made, seen):
             name = f"{tap}:input"
             if _observable(x):
                 obs = self._observer(name, path, call, "module-input", type(module).__name__)
-                src = self._observed_as(seen) if self.selection.reuse else None
-                if src is not None:  # the same values: src's histogram, or binned where that is not exact
-                    last = self.observers[src].last
+                if seen is not None and self.selection.reuse:
+                    # the same values: seen's histogram, or binned where that is not exact
+                    last = self.observers[seen].last
                     if obs.takes(last):
                         obs.update_histogram(last)
                     else:
                         obs.update(x)
-                    self.reused[name] = src
+                    self.reused[name] = seen
                 else:
                     obs.update(x)
                     self._memo.remember(x, (made, name))
@@ -480,7 +488,7 @@ class TapHooks:
             else:
                 self.skipped[name] = f"input is {_why_not(x)}"
         # A ReLU / value-preserving module fed the tensor just observed: remember it.
-        self._source[id(module)] = self._observed_as(seen) if self.selection.reuse else None
+        self._source[id(module)] = seen if self.selection.reuse else None
 
     def _on_output(self, tap, path, call, module, args, output):
         src = self._source.pop(id(module), None)
@@ -492,7 +500,9 @@ class TapHooks:
             if not _observable(output):
                 self.skipped[tap] = f"output is {_why_not(output)}"
             else:
-                obs = self._observer(tap, path, call, "output", site.module_type)
+                obs = self.observers.get(tap)
+                if obs is None:
+                    obs = self._observer(tap, path, call, "output", site.module_type)
                 last = self.observers[src].last if src is not None and site.copies else None
                 # The producer's batch histogram (its relu()) stands in for the output where
                 # merging it gives the same total (HistogramObserver.takes); otherwise the
