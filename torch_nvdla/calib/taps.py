@@ -433,9 +433,11 @@ class TapHooks:
         read by several calls: each gets its own name, sharing the one histogram)."""
         if self.selection.inputs and self.selection.wants_input(tap):
             return True
-        if not self.selection.unseen_inputs or not _observable(x):
-            return False
-        return (seen is None and made is None) or (seen is not None and seen.endswith(":input"))
+        if seen is None:
+            unseen = made is None
+        else:
+            unseen = seen.endswith(":input")
+        return unseen and self.selection.unseen_inputs and _observable(x)
 
     def _from_conv(self, x) -> bool:
         """``x`` is a Conv2d's output, unchanged since (a BatchNorm on it can fold)."""
@@ -492,7 +494,7 @@ class TapHooks:
 
     def _on_output(self, tap, path, call, module, args, output):
         src = self._source.pop(id(module), None)
-        site = self._site(path, module)
+        site = self._sites_seen.get(path) or self._site(path, module)
         if site.conv:  # (what the Caffe export folds a BatchNorm into)
             self._conv_taps.add(tap)
         seen = None
