@@ -626,3 +626,26 @@ def test_stacked_abs_histograms_and_scalars_equal_the_one_by_one_ones():
     assert _device_path(torch.tensor([1.0, math.nan])).scalars()[3] is False
     with pytest.raises(ValueError, match="at least one"):
         Histogram.abs_histograms([])
+
+
+def test_an_observer_writes_each_batch_into_one_buffer_of_its_own():
+    """Hand-countable: on the CPU (C kernels) a settled observer counts every batch into the
+    same counts buffer (no allocation per batch), never into a buffer it took from another
+    observer, and its ``last`` always holds the latest batch."""
+    from torch_nvdla.calib import native
+
+    if not native.KERNELS:
+        pytest.skip("the C kernels are not built (or TORCH_NVDLA_KERNELS=torch)")
+    producer, copy = HistogramObserver(bins=4), HistogramObserver(bins=4)
+    producer.update(torch.tensor([3.0, -1.0]))  # range 4, bin width 1
+    copy.update(torch.tensor([0.5]))
+    producer.update(torch.tensor([2.5, 2.5, -0.5]))
+    buffer = producer.last.counts.data_ptr()
+    copy.update_histogram(producer.last)  # (the copy's last is the producer's histogram)
+    copy.update(torch.tensor([1.5]))  # counted into a buffer of the copy's own
+    assert copy.last.counts.data_ptr() != buffer
+    producer.update(torch.tensor([0.5, -3.5]))
+    assert producer.last.counts.data_ptr() == buffer
+    assert producer.last.counts.tolist() == [1, 0, 0, 0, 1, 0, 0, 0]  # -3.5 in (-4, -3], 0.5 in [0, 1)
+    assert producer.histogram.counts.tolist() == [1, 0, 1, 1, 1, 0, 2, 1]
+    assert copy.histogram.counts.tolist() == [0, 0, 0, 1, 1, 1, 2, 0]

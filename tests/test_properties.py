@@ -115,8 +115,11 @@ def test_a_batch_histogram_stands_in_for_its_data_exactly_when_taken(device, bat
     """A producer's batch histogram (binned at its running total's range on the CPU) stands
     in for the data itself -- a ReLU of it, or a copy -- exactly when the consumer
     ``takes`` it: the consumer's histogram equals one of the data after every batch,
-    whether the consumer started with the producer or ``late`` batches after it."""
-    producer, consumer, direct = (HistogramObserver(bins=BINS) for _ in range(3))
+    whether the consumer started with the producer or ``late`` batches after it. A copy of
+    the consumer (``chained``) takes the consumer's batch histogram in turn, and a second
+    consumer of the producer (``sibling``) comes after both: batch histograms share buffers
+    that the next batch writes again, which must not show."""
+    producer, consumer, direct, chained, sibling = (HistogramObserver(bins=BINS) for _ in range(5))
     for i, xs in enumerate(batches):
         x = _t(xs, device)
         producer.update(x)
@@ -124,13 +127,16 @@ def test_a_batch_histogram_stands_in_for_its_data_exactly_when_taken(device, bat
             continue
         y = torch.relu(x) if relu else x
         direct.update(y)
-        if not consumer.takes(producer.last, relu):
-            consumer.update(y)
-        elif relu:
-            consumer.update_relu_of(producer.last)
-        else:
-            consumer.update_histogram(producer.last)
-        _assert_same(consumer.histogram, direct.histogram)
+        for observer, source in ((consumer, producer), (chained, consumer), (sibling, producer)):
+            relu_of = relu and source is producer
+            if not observer.takes(source.last, relu_of):
+                observer.update(y)
+            elif relu_of:
+                observer.update_relu_of(source.last)
+            else:
+                observer.update_histogram(source.last)
+        for observer in (consumer, chained, sibling):
+            _assert_same(observer.histogram, direct.histogram)
     _assert_same(producer.histogram, Histogram.of(_t([v for xs in batches for v in xs], device), BINS))
 
 

@@ -288,14 +288,17 @@ class Histogram:
         return cls._of_floats(counts, r, lo, hi, finite, flat.numel())._merged_into(total, counted=False)
 
     @classmethod
-    def _of_native(cls, buf: torch.Tensor, bins: int, total: "Histogram | None" = None) -> "Histogram":
+    def _of_native(cls, buf: torch.Tensor, bins: int, total: "Histogram | None" = None,
+                   out: torch.Tensor | None = None) -> "Histogram":
         """:meth:`_of_cpu` by the C kernels, of a contiguous float32/float64 CPU tensor of any
         shape. With a settled ``total``, the batch is first counted at the total's range in
         one pass that also finds its extremes and, when every value fits, adds the counts
         into the total (the usual case once a tap's range has settled); otherwise the
-        extremes come first and the batch is counted at its own range."""
+        extremes come first and the batch is counted at its own range. ``out``: a contiguous
+        int64 CPU tensor of ``2 * bins`` to write the counts to (the result's counts)."""
         ptr, n, wide = buf.data_ptr(), buf.numel(), buf.dtype == _F64
-        counts = torch.empty(2 * bins, dtype=torch.int64)  # (the kernel writes every bin)
+        # (the kernel writes every bin)
+        counts = out if out is not None else torch.empty(2 * bins, dtype=torch.int64)
         if _settled(total):
             pre, step = _scaling(bins, total._range)
             lo, hi, added = kernels.count(ptr, n, wide, bins, pre, step, counts.data_ptr(), threads(),
@@ -422,9 +425,10 @@ class Histogram:
         """
         return self._relu_into(None)
 
-    def _relu_into(self, total: "Histogram | None") -> "Histogram":
+    def _relu_into(self, total: "Histogram | None", out: torch.Tensor | None = None) -> "Histogram":
         """:meth:`relu`, also merged into ``total`` (a histogram of as many bins) when given:
-        by the C kernel itself when both are CPU histograms at the same range."""
+        by the C kernel itself when both are CPU histograms at the same range. ``out``: a
+        buffer like ``counts`` (not it) for the C kernel to write the result's counts to."""
         bins, empty = self.bins, self.numel == 0
         if not self._host:
             zero = torch.zeros((), dtype=_F64, device=self.device)
@@ -434,7 +438,7 @@ class Histogram:
         lo, hi = (v if empty else max(v, 0.0) for v in (self._min, self._max))
         into = total is not None and total._host and total._range == self._range
         if KERNELS:
-            counts = torch.empty_like(self.counts)  # (the kernel writes every bin)
+            counts = out if out is not None else torch.empty_like(self.counts)  # (the kernel writes every bin)
             kernels.relu_fold(self.counts.data_ptr(), counts.data_ptr(), bins, total.counts.data_ptr() if into else 0)
         else:
             counts = self._relu_counts()
@@ -553,12 +557,16 @@ class HistogramObserver:
         self.bins = bins
         self._device = torch.device(device) if device is not None else None
         self.hist: Histogram | None = None
-        self.last: Histogram | None = None  # the latest batch's histogram, O(bins)
+        # The latest batch's histogram, O(bins). On the CPU its counts live in a buffer the
+        # next update() writes again (no allocation per batch): read it before then.
+        self.last: Histogram | None = None
+        self._counts: torch.Tensor | None = None  # that buffer (this observer's own)
 
     def reset(self) -> None:
         """Forget everything seen."""
         self.hist = None
         self.last = None
+        self._counts = None
 
     def update(self, x: torch.Tensor) -> None:
         """Add one tensor's values.
@@ -571,7 +579,8 @@ class HistogramObserver:
         if hist is not None and self._device is None and x.is_cpu and hist._host and x.numel():
             # The CPU fast path: counted straight into the running total where it can be.
             if KERNELS and x.dtype in _NATIVE_DTYPES and x.is_contiguous():
-                self.last = Histogram._of_native(x, self.bins, hist)  # (reads the buffer as it is)
+                self.last = Histogram._of_native(x, self.bins, hist, self._counts)  # (reads x as it is)
+                self._counts = self.last.counts
             else:
                 self.last = Histogram._of_cpu(_flat(x.detach()), self.bins, hist)
             return
@@ -606,7 +615,8 @@ class HistogramObserver:
         if self.hist is None:
             self.update_histogram(h.relu())
         else:
-            self.last = h._relu_into(self.hist)
+            self.last = h._relu_into(self.hist, self._counts if h._host else None)
+            self._counts = self.last.counts if self.last._host else None
 
     def update_histogram(self, h: Histogram) -> None:
         """Add an already computed histogram (a derived tap, another process's counts)."""
