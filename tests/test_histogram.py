@@ -332,7 +332,7 @@ def test_cpu_binning_paths_agree_on_a_large_tensor():
     # One value a million times: every increment hits one bin of each uint16 sub-histogram,
     # which the kernel must flush before it wraps.
     same = torch.full((1_000_003,), 0.75)
-    for threads in (1, 2, 3):  # (split: each thread carries its sub-histograms over many pieces)
+    for threads in (1, 2, 3):  # (split over threads: each part holds more values than one flush)
         c = torch.zeros(512, dtype=torch.int64)
         native.kernels.count(same.data_ptr(), same.numel(), False, 256, 1.0, 256.0, c.data_ptr(), threads)
         assert int(c[256 + 192]) == same.numel() and int(c.sum()) == same.numel()

@@ -494,7 +494,7 @@ class TapHooks:
 
     def _on_output(self, tap, path, call, module, args, output):
         src = self._source.pop(id(module), None)
-        site = self._sites_seen.get(path) or self._site(path, module)
+        site = self._site(path, module)
         if site.conv:  # (what the Caffe export folds a BatchNorm into)
             self._conv_taps.add(tap)
         seen = None
@@ -502,9 +502,7 @@ class TapHooks:
             if not _observable(output):
                 self.skipped[tap] = f"output is {_why_not(output)}"
             else:
-                obs = self.observers.get(tap)
-                if obs is None:
-                    obs = self._observer(tap, path, call, "output", site.module_type)
+                obs = self._observer(tap, path, call, "output", site.module_type)
                 last = self.observers[src].last if src is not None and site.copies else None
                 # The producer's batch histogram (its relu()) stands in for the output where
                 # merging it gives the same total (HistogramObserver.takes); otherwise the
